@@ -1,0 +1,5 @@
+import sys
+
+from switchall.cli import main
+
+sys.exit(main())

@@ -1,0 +1,69 @@
+"""The run configuration: one tree composed of each component's own config.
+
+`load_run_config("configs/x.yaml", ["train.steps=10"])` merges the YAML and the overrides,
+builds the typed tree, and validates it (fields, then cross-section rules) before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from switchall.configtools import (
+    ConfigError,
+    apply_override,
+    check,
+    from_dict,
+    load_yaml,
+    parse_override,
+    to_dict,
+    validate_tree,
+)
+from switchall.data_pipeline.config import DataConfig
+from switchall.models.config import ModelConfig
+from switchall.pretrain.config import LoggingConfig, OptimConfig, TrainConfig
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        t = self.train
+        check(
+            t.batch_size % t.grad_accum == 0,
+            "train.grad_accum",
+            f"must divide train.batch_size={t.batch_size}, got {t.grad_accum}",
+        )
+
+
+def build_run_config(tree: dict[str, Any], source: str | None = None) -> RunConfig:
+    try:
+        cfg = from_dict(RunConfig, tree)
+        validate_tree(cfg)
+    except ConfigError as e:
+        if source and not e.source:
+            raise ConfigError(e.key, e.message, source=source) from None
+        raise
+    return cfg
+
+
+def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a YAML run config, apply `section.key=value` overrides, validate."""
+    tree = load_yaml(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value)
+    return build_run_config(tree, source=str(path))
+
+
+def dump_run_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
