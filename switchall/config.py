@@ -59,9 +59,12 @@ def build_run_config(tree: dict[str, Any], source: str | None = None) -> RunConf
 def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a YAML run config, apply `section.key=value` overrides, validate."""
     tree = load_yaml(path)
-    for text in overrides:
-        parts, value = parse_override(text)
-        apply_override(tree, parts, value)
+    try:
+        for text in overrides:
+            parts, value = parse_override(text)
+            apply_override(tree, parts, value)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.message, source=str(path)) from None
     return build_run_config(tree, source=str(path))
 
 

@@ -60,19 +60,35 @@ class CVMMSelection:
 
 
 def cvmm_prepare(expert_idx: torch.Tensor, num_experts: int) -> CVMMSelection:
-    """Sort the assignments `expert_idx [..., k]` by expert (done once per routing decision)."""
+    """Sort the assignments `expert_idx [..., k]` by expert (done once per routing decision).
+
+    Shapes only depend on `expert_idx.shape` and `num_experts`, and nothing waits for the
+    device: the offsets come from a binary search over the sorted ids (bincount's output size
+    would depend on the data), so this traces under `torch.compile(fullgraph=True)` and never
+    stalls the CPU on a GPU sync. Ids out of range are checked on the device (asynchronously
+    on CUDA); on CPU the check is immediate and raises ValueError.
+    """
     if expert_idx.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"expert_idx must be int64 or int32, got {expert_idx.dtype}")
     if expert_idx.dim() < 1:
         raise ValueError("expert_idx must have at least one dimension (the k slots)")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     flat_M = expert_idx.reshape(-1).long()
     # A stable sort keeps assignments of one expert in row order, so results do not depend on
-    # the sort implementation and rows read by a tile stay close together in memory.
+    # the sort implementation, rows read by a tile stay close together in memory, and the
+    # kernels' round-robin tile order keeps concurrent tiles on nearby output rows.
     sorted_expert_M, order_M = torch.sort(flat_M, stable=True)
-    # bincount rejects negative ids itself; its output length reveals ids >= num_experts.
-    counts_E = torch.bincount(flat_M, minlength=num_experts)
-    if counts_E.numel() > num_experts:
-        raise ValueError(f"expert id {counts_E.numel() - 1} out of range for {num_experts} experts")
-    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_idx.device)
-    offsets_E1[1:] = torch.cumsum(counts_E, 0)
+    if flat_M.numel():
+        in_range = (sorted_expert_M[0] >= 0) & (sorted_expert_M[-1] < num_experts)
+        if expert_idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(in_range):
+                raise ValueError(
+                    f"expert ids must be in [0, {num_experts}), got "
+                    f"[{int(sorted_expert_M[0])}, {int(sorted_expert_M[-1])}]"
+                )
+        else:
+            torch._assert_async(in_range, f"expert ids must be in [0, {num_experts})")
+    bounds_E1 = torch.arange(num_experts + 1, device=expert_idx.device)
+    offsets_E1 = torch.searchsorted(sorted_expert_M, bounds_E1)
     return CVMMSelection(tuple(expert_idx.shape), num_experts, sorted_expert_M, order_M, offsets_E1)

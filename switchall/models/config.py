@@ -48,8 +48,11 @@ class AttentionConfig:
         check(0.0 <= self.expert_dropout < 1.0, join(prefix, "expert_dropout"), "must be in [0, 1)")
         check(0.0 <= self.rope_fraction <= 1.0, join(prefix, "rope_fraction"), "must be in [0, 1]")
         n_rot = int(self.d_head * self.rope_fraction)
-        check(n_rot % 2 == 0, join(prefix, "rope_fraction"),
-              f"rotates {n_rot} channels of d_head={self.d_head}; the count must be even")
+        check(
+            n_rot % 2 == 0,
+            join(prefix, "rope_fraction"),
+            f"rotates {n_rot} channels of d_head={self.d_head}; the count must be even",
+        )
 
 
 @dataclass(kw_only=True)
@@ -140,8 +143,14 @@ class ModelConfig:
         )
         if not self.uses_switchhead:
             att = join(prefix, "attention")
-            check(self.attention.n_experts == 1, f"{att}.n_experts",
-                  f"variant {self.variant!r} has dense attention; n_experts must be 1")
+            check(
+                self.attention.n_experts == 1,
+                f"{att}.n_experts",
+                f"variant {self.variant!r} has dense attention; n_experts must be 1",
+            )
         if not self.uses_sigma_moe:
-            check(self.mlp.d_ff >= 1, join(prefix, "mlp.d_ff"),
-                  f"variant {self.variant!r} has a dense MLP; set mlp.d_ff")
+            check(
+                self.mlp.d_ff >= 1,
+                join(prefix, "mlp.d_ff"),
+                f"variant {self.variant!r} has a dense MLP; set mlp.d_ff",
+            )

@@ -29,8 +29,11 @@ class OptimConfig:
         check(self.eps > 0, join(prefix, "eps"), "must be > 0")
         check(self.weight_decay >= 0, join(prefix, "weight_decay"), "must be >= 0")
         check(self.warmup_steps >= 0, join(prefix, "warmup_steps"), "must be >= 0")
-        check(self.cosine_steps is None or self.cosine_steps > 0, join(prefix, "cosine_steps"),
-              "must be > 0")
+        check(
+            self.cosine_steps is None or self.cosine_steps > 0,
+            join(prefix, "cosine_steps"),
+            "must be > 0",
+        )
         check(0 <= self.min_lr <= self.lr, join(prefix, "min_lr"), "must be in [0, lr]")
         check(self.grad_clip >= 0, join(prefix, "grad_clip"), "must be >= 0")
 

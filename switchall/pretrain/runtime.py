@@ -1,0 +1,78 @@
+"""What the training loop needs to know about the process layout, behind one small seam.
+
+`LocalRuntime` is one process on one device. `switchall.parallel` provides a runtime for
+torchrun jobs (tensor / expert / data parallel, DeepSpeed ZeRO) with the same interface, so
+there is exactly one training loop.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from switchall.pretrain.config import OptimConfig
+from switchall.pretrain.engine import Engine, LocalEngine
+
+
+class Runtime(Protocol):
+    rank: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def is_logging_rank(self) -> bool: ...
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (for metrics and validation)."""
+        ...
+
+    def barrier(self) -> None: ...
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Apply tensor / expert parallelism to the plain single-device model."""
+        ...
+
+    def build_engine(
+        self, model: nn.Module, cfg: OptimConfig, total_steps: int, fp16: bool
+    ) -> Engine: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalRuntime:
+    rank = 0
+    dp_rank = 0
+    dp_size = 1
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return True
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def build_engine(
+        self, model: nn.Module, cfg: OptimConfig, total_steps: int, fp16: bool
+    ) -> Engine:
+        return LocalEngine(model, cfg, total_steps, fp16=fp16)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)

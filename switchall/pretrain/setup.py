@@ -1,0 +1,111 @@
+"""Run-directory bookkeeping: resolved config, dataset checks, loaders, checkpoint metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from switchall.config import RunConfig, dump_run_config
+from switchall.configtools import ConfigError, to_dict
+
+
+def data_mode(cfg: RunConfig) -> str:
+    """Contiguous lanes whenever the model carries XL memory, shuffled windows otherwise."""
+    if cfg.data.mode != "auto":
+        return cfg.data.mode
+    return "contiguous" if cfg.model.mem_chunks > 0 else "shuffled"
+
+
+def amp_dtype_for(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+class RunSetup:
+    def __init__(self, cfg: RunConfig, run_dir: Path, runtime, resume: bool, write: bool = True):
+        """`write=False` (evaluation) leaves the run directory untouched."""
+        from switchall.data_pipeline import read_manifest
+
+        self.cfg, self.run_dir, self.runtime = cfg, run_dir, runtime
+        self.config_dict = to_dict(cfg)
+        self.manifest = read_manifest(cfg.data.path)
+        self.tokenizer_sha256 = self.manifest.tokenizer.get("sha256")
+        self.byte_level = self.manifest.tokenizer.get("type") == "byte"
+        if self.manifest.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                "model.vocab_size",
+                f"{cfg.model.vocab_size} is smaller than the vocabulary of the dataset "
+                f"{cfg.data.path} ({self.manifest.vocab_size})",
+            )
+        self.amp_dtype = amp_dtype_for(cfg.train.precision, runtime.device)
+        if self.amp_dtype == torch.float16 and runtime.device.type != "cuda":
+            raise ConfigError("train.precision", "fp16 needs a CUDA device; use bf16 or fp32")
+        if write and runtime.is_logging_rank:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if (
+                not resume
+                and (run_dir / "checkpoints").is_dir()
+                and any((run_dir / "checkpoints").iterdir())
+            ):
+                raise ConfigError(
+                    "", f"{run_dir} already holds checkpoints; pass --resume or a new --run-dir"
+                )
+            dump_run_config(cfg, run_dir / "config.yaml")
+        if write:
+            runtime.barrier()
+
+    def _loader(self, split: str, loop: bool):
+        from switchall.data_pipeline import TokenLoader
+
+        c = self.cfg
+        return TokenLoader(
+            c.data.path,
+            split=split,
+            global_batch_size=c.train.batch_size,
+            seq_len=c.model.seq_len,
+            dp_rank=self.runtime.dp_rank,
+            dp_size=self.runtime.dp_size,
+            seed=c.train.seed,
+            mode=data_mode(c),
+            loop=loop,
+            num_workers=c.data.num_workers,
+            skip_bad_shards=c.data.skip_bad_shards,
+            expected_tokenizer_sha256=self.tokenizer_sha256,
+        )
+
+    def train_loader(self):
+        return self._loader("train", loop=True)
+
+    def val_loader(self):
+        return self._loader("val", loop=False)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "model": self.config_dict["model"],
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "dp_size": self.runtime.dp_size,
+            "layout": getattr(self.runtime, "layout_name", "single"),
+        }
+
+    def check_checkpoint_meta(self, meta: dict[str, Any], path: Path) -> None:
+        """A checkpoint resumes only into the same model, tokenizer and layout."""
+        if meta.get("model") != self.config_dict["model"]:
+            raise ConfigError(
+                "model", f"differs from the model of checkpoint {path}; resume with its config"
+            )
+        if meta.get("tokenizer_sha256") != self.tokenizer_sha256:
+            raise ConfigError(
+                "data.path",
+                f"the tokenizer of {self.cfg.data.path} differs from the one checkpoint {path} "
+                "was trained with",
+            )
+        layout = getattr(self.runtime, "layout_name", "single")
+        if meta.get("layout", "single") != layout:
+            raise ConfigError(
+                "parallel",
+                f"checkpoint {path} was saved with layout {meta.get('layout')}, "
+                f"this run uses {layout}; resharding across layouts is not supported yet",
+            )
