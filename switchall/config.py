@@ -25,6 +25,7 @@ from switchall.configtools import (
 )
 from switchall.data_pipeline.config import DataConfig
 from switchall.models.config import ModelConfig
+from switchall.parallel.config import ParallelConfig
 from switchall.pretrain.config import LoggingConfig, OptimConfig, TrainConfig
 
 
@@ -35,6 +36,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, prefix: str = "") -> None:
         t = self.train

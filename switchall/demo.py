@@ -40,14 +40,14 @@ def train_one(config: str, run_dir: Path, overrides: list[str]) -> dict:
     params = sum(p.numel() for p in build_model(cfg.model).parameters())
     counts = account(cfg.model, params)
     steps = [r for r in result["history"] if "step_time" in r]
+    steady = steps[1:] or steps  # the first logging window includes warm-up
     vals = [r for r in result["history"] if "val_ppl" in r]
     return {
         "params": params,
         "attn_macs": counts["attn_macs"],
         "attn_mem": counts["attn_mem"],
-        # The first logging window includes warm-up; report the later ones.
-        "step_time": sum(r["step_time"] for r in steps[1:] or steps) / len(steps[1:] or steps),
-        "tokens_per_s": sum(r["tokens_per_s"] for r in steps[1:] or steps) / len(steps[1:] or steps),
+        "step_time": sum(r["step_time"] for r in steady) / len(steady),
+        "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
         "ppl_start": vals[0]["val_ppl"],
         "ppl_end": vals[-1]["val_ppl"],
         "device": str(runtime.device),

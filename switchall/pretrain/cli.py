@@ -62,7 +62,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     setup = RunSetup(cfg, run_dir, runtime, resume=True, write=False)
     setup.check_checkpoint_meta(manager.read_meta(ckpt), ckpt)
     model = build_model(cfg.model).to(runtime.device)
-    model.load_state_dict(manager.load(ckpt, "model_rank0.pt"))
+    runtime.load_model_files(model, lambda name: manager.load(ckpt, name))
     result = validate(
         model,
         setup.val_loader(),

@@ -7,7 +7,8 @@ there is exactly one training loop.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +40,17 @@ class Runtime(Protocol):
         self, model: nn.Module, cfg: OptimConfig, total_steps: int, fp16: bool
     ) -> Engine: ...
 
+    def model_files(self, model: nn.Module) -> dict[str, Any]:
+        """This rank's share of the model state, as checkpoint file name -> object.
+
+        Every parameter must be saved exactly once across all ranks (replicas save nothing).
+        """
+        ...
+
+    def load_model_files(self, model: nn.Module, load: Callable[[str], Any]) -> None:
+        """Load this rank's share; `load(name)` reads (and verifies) one checkpoint file."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -67,6 +79,12 @@ class LocalRuntime:
         self, model: nn.Module, cfg: OptimConfig, total_steps: int, fp16: bool
     ) -> Engine:
         return LocalEngine(model, cfg, total_steps, fp16=fp16)
+
+    def model_files(self, model: nn.Module) -> dict[str, Any]:
+        return {"model_rank0.pt": model.state_dict()}
+
+    def load_model_files(self, model: nn.Module, load: Callable[[str], Any]) -> None:
+        model.load_state_dict(load("model_rank0.pt"))
 
     def shutdown(self) -> None:
         pass

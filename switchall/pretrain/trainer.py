@@ -77,7 +77,7 @@ class Trainer:
             },
         }
         objects = {
-            self._rank_file("model"): self.model.state_dict(),
+            **self.runtime.model_files(self.model),
             self._rank_file("train_state"): state,
         }
         return self.ckpt.save(self.step, objects, self.setup.checkpoint_meta())
@@ -88,7 +88,7 @@ class Trainer:
             self.metrics.log({"event": "start", "step": 0}, console="no checkpoint yet; starting")
             return
         self.setup.check_checkpoint_meta(CheckpointManager.read_meta(path), path)
-        self.model.load_state_dict(self.ckpt.load(path, self._rank_file("model")))
+        self.runtime.load_model_files(self.model, lambda name: self.ckpt.load(path, name))
         state = self.ckpt.load(path, self._rank_file("train_state"))
         self.engine.load_state_dict(state["engine"])
         self.loader.load_state_dict(state["loader"])
@@ -145,7 +145,12 @@ class Trainer:
         return result
 
     # ----------------------------------------------------------------- the loop
-    def run(self) -> dict[str, Any]:
+    def run(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to `train.steps`, validating and checkpointing on the way.
+
+        `stop_after`: return early, with a checkpoint, once this many steps have been taken
+        in this call, as a job that runs out of its time slot does; `--resume` continues.
+        """
         t = self.cfg.train
         total = t.steps
         tokens_per_step = t.batch_size * self.cfg.model.seq_len
@@ -183,6 +188,15 @@ class Trainer:
                 self.evaluate()
             if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < total:
                 self.save()
+            if (
+                stop_after is not None
+                and self.step - start_step >= stop_after
+                and self.step < total
+            ):
+                if not (t.ckpt_every and self.step % t.ckpt_every == 0):
+                    self.save()
+                self.metrics.close()
+                return {"step": self.step, "stopped": True, "history": self.history}
         final = self.evaluate()
         self.save()
         self.metrics.close()

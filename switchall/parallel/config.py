@@ -1,0 +1,22 @@
+"""How a run is laid out over processes: tensor, expert and data parallel sizes, ZeRO stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from switchall.configtools import check, join
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size: attention heads and dense MLP columns split over this many ranks."""
+    expert: int = 1
+    """Expert-parallel size: σ-MoE experts split over this many data-parallel ranks."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage for the data-parallel optimiser state (0, 1, 2; 3 without σ-MoE)."""
+
+    def validate(self, prefix: str = "") -> None:
+        check(self.tensor >= 1, join(prefix, "tensor"), "must be >= 1")
+        check(self.expert >= 1, join(prefix, "expert"), "must be >= 1")
+        check(self.zero_stage in (0, 1, 2, 3), join(prefix, "zero_stage"), "must be 0, 1, 2 or 3")
