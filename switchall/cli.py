@@ -29,6 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"switchall {args.verb}: configuration error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # data errors name the file, shard or field at fault
+        from switchall.data_pipeline import DataError
+
+        if not isinstance(e, DataError):
+            raise
+        print(f"switchall {args.verb}: data error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

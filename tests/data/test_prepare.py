@@ -1,0 +1,261 @@
+"""`switchall prepare`: tokenizer and shard round trips, inputs (files, directories, globs,
+JSON Lines, weights, validation inputs), determinism across worker counts, and resumption."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from switchall.cli import main as cli_main
+from switchall.data_pipeline import DataError, load_tokenizer, read_manifest
+from switchall.data_pipeline import corpus as corpus_mod
+from switchall.data_pipeline.corpus import split_of
+from tests.data.helpers import (
+    documents,
+    make_dataset,
+    synthetic_text,
+    tree_bytes,
+    write_corpus,
+)
+
+
+def file_texts(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*.txt")}
+
+
+def test_byte_shards_round_trip(byte_ds, corpus_dir):
+    m = read_manifest(byte_ds)
+    assert (m.vocab_size, m.eod_id, m.dtype, m.byte_level) == (256, 0, "uint16", True)
+    shards = m.shards("train")
+    assert all(s.tokens == 4096 for s in shards[:-1]) and 0 < shards[-1].tokens <= 4096
+    texts = file_texts(corpus_dir)
+    for split in ("train", "val"):
+        got = sorted(bytes(d).decode() for d in documents(byte_ds, split))
+        want = sorted(t for k, t in texts.items() if split_of(k, 0.05) == split)
+        assert got == want and got
+    # Plain tar + npy: any webdataset reader can take it apart; no pickles inside.
+    with tarfile.open(byte_ds / shards[0].name) as tar:
+        names = tar.getnames()
+    assert names[0] == "train-000000-0000.tokens.npy" and all(n.endswith(".npy") for n in names)
+
+
+def test_sentencepiece_round_trip(tmp_path, corpus_dir):
+    ds = make_dataset(tmp_path / "ds", [str(corpus_dir)], tokenizer=None, vocab_size=400)
+    m = read_manifest(ds)
+    model = (ds / "tokenizer.model").read_bytes()
+    assert m.tokenizer["type"] == "sentencepiece" and m.tokenizer["model_type"] == "bpe"
+    assert m.tokenizer["sha256"] == hashlib.sha256(model).hexdigest()
+    assert (m.vocab_size, m.dtype) == (400, "uint16")
+    tok = load_tokenizer(ds)
+    assert m.eod_id == tok.eod_id
+    texts = file_texts(corpus_dir)
+    decoded = sorted(tok.decode(d) for d in documents(ds, "train"))
+    assert decoded == sorted(t for k, t in texts.items() if split_of(k, 0.05) == "train")
+    # Digits are split, spaces and newlines survive (lossless on code and prose alike).
+    sample = "    x = 4567\n\tnaïve 東京  end\n"
+    assert tok.decode(tok.encode(sample)) == sample
+    assert all(tok.sp.id_to_piece(i) not in ("45", "456") for i in tok.encode("4567"))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    elif path.suffix == ".zst":
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def test_jsonl_weights_and_text_field(tmp_path):
+    bodies = {i: synthetic_text(100 + i, 30) for i in range(60)}
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", [{"body": bodies[i], "id": i} for i in range(20)])
+    write_jsonl(src / "b.jsonl.gz", [{"body": bodies[i]} for i in range(20, 40)])
+    write_jsonl(src / "c.jsonl.zst", [{"body": bodies[i]} for i in range(40, 60)])
+    (src / "blank.jsonl").write_text('\n{"body": ""}\n')  # blank lines and empty texts: skipped
+    inputs = [
+        f"{src}/a.jsonl:2",
+        f"{src}/b.jsonl.gz",
+        f"{src}/c.jsonl.zst:0.5",
+        f"{src}/blank.jsonl",
+    ]
+    ds = make_dataset(tmp_path / "ds", inputs, text_field="body")
+    train = Counter(bytes(d).decode() for d in documents(ds, "train"))
+    val = Counter(bytes(d).decode() for d in documents(ds, "val"))
+    assert all(n == 1 for n in val.values())
+    names = {
+        i: f"{'abc'[i // 20]}.jsonl{['', '.gz', '.zst'][i // 20]}#{i % 20 + 1}" for i in bodies
+    }
+    for i, body in bodies.items():
+        if split_of(names[i], 0.05) == "val":
+            assert val[body] == 1 and train[body] == 0
+        elif i < 20:
+            assert train[body] == 2  # weight 2: every training document twice
+        elif i < 40:
+            assert train[body] == 1
+        else:
+            assert train[body] <= 1
+    taken_c = sum(train[bodies[i]] for i in range(40, 60))
+    assert 4 <= taken_c <= 16  # weight 0.5: about half, chosen by name hash
+
+
+def test_validation_inputs_and_big_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "PIECE_BYTES", 1000)  # read big files in many pieces
+    big = tmp_path / "train.txt"
+    big.write_text(synthetic_text(7, 3000))
+    valid = tmp_path / "valid.txt"
+    valid.write_text(synthetic_text(8, 500))
+    ds = make_dataset(tmp_path / "ds", [str(big)], val_inputs=[str(valid)])
+    assert [bytes(d) for d in documents(ds, "train")] == [big.read_bytes()]
+    assert [bytes(d) for d in documents(ds, "val")] == [valid.read_bytes()]
+
+
+@pytest.mark.timeout(120)
+def test_output_identical_for_1_and_3_workers(tmp_path, corpus_dir, monkeypatch):
+    monkeypatch.setattr(corpus_mod, "UNIT_BYTES", 2048)  # many units, so workers interleave
+    jsonl = write_jsonl(
+        tmp_path / "x.jsonl.zst", [{"text": synthetic_text(i, 40)} for i in range(50)]
+    )
+    inputs = [str(corpus_dir), f"{jsonl}:1.5"]
+    kw = {"tokenizer": None, "vocab_size": 400, "shard_tokens": 2048}
+    one = make_dataset(tmp_path / "w1", inputs, workers=1, **kw)
+    three = make_dataset(tmp_path / "w3", inputs, workers=3, **kw)
+    assert tree_bytes(one) == tree_bytes(three)
+    assert len(read_manifest(one).shards("train")) > 5
+
+
+def test_interrupted_prepare_resumes(tmp_path, corpus_dir, monkeypatch):
+    from switchall.data_pipeline import encode, prepare, shards, splitwriter
+
+    monkeypatch.setattr(corpus_mod, "UNIT_BYTES", 4096)
+    reference = make_dataset(tmp_path / "ref", [str(corpus_dir)])
+    real_write, written = shards.write_shard, []
+
+    def crash_on_fifth(directory, split, index, tokens):
+        if len(written) == 4:  # die mid-write: a partial temporary file, no rename
+            (directory / f"{split}-{index:06d}.tar.tmp").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        written.append(index)
+        return real_write(directory, split, index, tokens)
+
+    monkeypatch.setattr(splitwriter, "write_shard", crash_on_fifth)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        make_dataset(out, [str(corpus_dir)])
+    assert not (out / "manifest.json").exists() and (out / "prepare_state.json").exists()
+    with pytest.raises(DataError, match="interrupted"):
+        read_manifest(out)
+    monkeypatch.setattr(splitwriter, "write_shard", real_write)
+    encoded = []
+
+    def counting(unit):
+        encoded.append(unit.index)
+        return encode.encode_unit(unit)
+
+    monkeypatch.setattr(prepare, "encode_unit", counting)
+    make_dataset(out, [str(corpus_dir)])
+    assert tree_bytes(out) == tree_bytes(reference)
+    assert encoded and encoded[0] > 0  # resumed: the first units were not encoded again
+
+
+def test_rerun_is_a_no_op_and_other_options_are_refused(tmp_path, corpus_dir):
+    out = make_dataset(tmp_path / "ds", [str(corpus_dir)])
+    before = tree_bytes(out)
+    make_dataset(out, [str(corpus_dir)])
+    assert tree_bytes(out) == before
+    with pytest.raises(DataError, match="already holds a dataset"):
+        make_dataset(out, [str(corpus_dir)], shard_tokens=2048)
+
+
+def test_cli_prepare(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c", 5)
+    out = tmp_path / "ds"
+    argv = ["prepare", f"{corpus}/**/*.txt", "--out", str(out), "--tokenizer", "byte"]
+    assert cli_main([*argv, "--workers", "1", "--no-progress"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert read_manifest(out).source["request"]["inputs"][0]["files"] == 5
+    assert cli_main(["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_embedded_default_corpus_and_its_split():
+    files = corpus_mod.list_files(corpus_mod.InputSpec(corpus_mod.STDLIB))
+    keys = [f.key for f in files]
+    assert len(keys) > 1000 and "os.py" in keys and "json/decoder.py" in keys
+    assert not any(k.split("/")[0] in ("site-packages", "dist-packages") for k in keys)
+    assert all(k.endswith(".py") for k in keys)
+    val = [k for k in keys if split_of(k, 0.05) == "val"]
+    assert 0.03 < len(val) / len(keys) < 0.07
+    # The split is a function of the relative path alone (golden values, any machine).
+    golden = {"os.py": "train", "json/decoder.py": "train", "xml/sax/xmlreader.py": "val"}
+    assert {k: split_of(k, 0.05) for k in golden} == golden
+
+
+def test_embedded_corpus_slice_with_sentencepiece(tmp_path):
+    root = corpus_mod.stdlib_root()
+    ds = make_dataset(tmp_path / "ds", [f"{root}/json/*.py"], tokenizer=None, vocab_size=600)
+    tok = load_tokenizer(ds)
+    sources = {p.read_text() for p in (root / "json").glob("*.py") if p.stat().st_size}
+    decoded = {tok.decode(d) for s in ("train", "val") for d in documents(ds, s)}
+    assert decoded == sources
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from switchall.data_pipeline import corpus, prepare, splitwriter
+corpus.UNIT_BYTES = 4096
+real_write = splitwriter.write_shard
+
+def slow_write(*args):  # slow enough for the test to kill it between shards
+    info = real_write(*args)
+    time.sleep(0.3)
+    return info
+
+splitwriter.write_shard = slow_write
+prepare.prepare(prepare.PrepareOptions(out=Path(sys.argv[1]), inputs=[sys.argv[2]], tokenizer=None,
+                vocab_size=400, shard_tokens=4096, workers=2, progress=False))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_killed_prepare_resumes(tmp_path, corpus_dir, monkeypatch):
+    """SIGKILL (no cleanup at all) in the middle of a run with a trained tokenizer and workers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(out), str(corpus_dir)],
+        start_new_session=True,  # its own process group: the kill takes its workers too
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = out / "prepare_state.json"
+            splits = json.loads(state.read_bytes())["splits"] if state.exists() else {}
+            if len(splits.get("train", {}).get("shards", [])) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "prepare finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(corpus_mod, "UNIT_BYTES", 4096)
+    kw = {"tokenizer": None, "vocab_size": 400, "workers": 2}
+    make_dataset(out, [str(corpus_dir)], **kw)
+    reference = make_dataset(tmp_path / "ref", [str(corpus_dir)], **kw)
+    assert tree_bytes(out) == tree_bytes(reference)
