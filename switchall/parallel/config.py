@@ -10,11 +10,13 @@ from switchall.configtools import check, join
 @dataclass(kw_only=True)
 class ParallelConfig:
     tensor: int = 1
-    """Tensor-parallel size: attention heads and dense MLP columns split over this many ranks."""
+    """Tensor-parallel size: attention heads, dense MLP columns and σ-MoE expert widths are
+    split over this many ranks (it must divide the heads: 2 for the paper's 2-head models)."""
     expert: int = 1
     """Expert-parallel size: σ-MoE experts split over this many data-parallel ranks."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage for the data-parallel optimiser state (0, 1, 2; 3 without σ-MoE)."""
+    """DeepSpeed ZeRO stage: 0 replicates, 1 partitions optimiser state, 2 also gradients,
+    3 also parameters (not with σ-MoE: DeepSpeed does not support MoE at stage 3)."""
 
     def validate(self, prefix: str = "") -> None:
         check(self.tensor >= 1, join(prefix, "tensor"), "must be >= 1")

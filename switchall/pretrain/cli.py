@@ -14,12 +14,20 @@ from switchall.configtools import ConfigError
 
 
 def make_runtime(cfg):
+    """One process: `LocalRuntime`. Under torchrun, or with any parallel setting beyond one
+    process, the `DistributedRuntime` (which validates the layout against the world size)."""
     from switchall.pretrain.runtime import LocalRuntime, resolve_device
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    p = cfg.parallel
+    if p.zero_stage > 0 and "WORLD_SIZE" not in os.environ:
         raise ConfigError(
-            "", "several processes were launched, but this build trains in one process only"
+            "parallel.zero_stage",
+            f"{p.zero_stage} needs the DeepSpeed engine: launch with torchrun",
         )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.tensor > 1 or p.expert > 1 or p.zero_stage:
+        from switchall.parallel.runtime import DistributedRuntime
+
+        return DistributedRuntime(cfg)
     return LocalRuntime(resolve_device(cfg.train.device))
 
 
@@ -30,6 +38,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     runtime = make_runtime(cfg)
     try:
         if cfg.train.deterministic:
+            # cuBLAS is only deterministic with a fixed workspace; it must be set before the
+            # first cuBLAS call, and a user's own setting wins.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         result = Trainer(cfg, args.run_dir, runtime, resume=args.resume).run()
     finally:

@@ -1,0 +1,110 @@
+"""`DistributedRuntime`: the trainer's view of a torchrun job (tensor / expert / data parallel).
+
+Implements `switchall.pretrain.runtime.Runtime`, so the one training loop runs unchanged:
+- `dp_rank` / `dp_size` count data replicas (the TP ranks of one replica share a dp_rank and
+  read the same data slice); metrics and validation sums are all-reduced over the DP group.
+- `parallelize` applies tensor parallel, expert parallel and the DeepSpeed engine
+  (`parallelize_model`); `build_engine` hands out that engine.
+- `model_files` writes every tensor once (see `sharded_state`), under the layout's name, which
+  the checkpoint metadata records: a checkpoint loads only under the same layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from switchall.models.routing import derive_seed
+from switchall.parallel.layout import check_layout, destroy_layout, init_layout
+from switchall.parallel.parallelize import ParallelModel, parallelize_model
+from switchall.parallel.sharded_state import load_sharded_model_files, sharded_model_files
+from switchall.pretrain.runtime import resolve_device
+
+
+class DistributedRuntime:
+    """One rank of a torchrun job: its device, layout and DeepSpeed engine, for the trainer."""
+
+    def __init__(self, cfg):
+        """Join the torchrun job, validate and build the layout (collective)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_layout(cfg, world_size)
+        self.cfg = cfg
+        device = resolve_device(cfg.train.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        self.device = device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # A caller that set up torch.distributed itself (a test running several layouts in one
+        # job) keeps it; otherwise this runtime owns the process group and tears it down.
+        self._owns_process_group = not dist.is_initialized()
+        if self._owns_process_group:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)  # wraps the group initialised above
+        self.layout = init_layout(cfg.parallel)
+        self.rank = self.layout.rank
+        self.dp_rank, self.dp_size = self.layout.dp_rank, self.layout.dp_size
+        self.layout_name = self.layout.name
+        self._parallel: ParallelModel | None = None
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel_model(self) -> nn.Module:
+        """This rank's parallelised model (single-device parameter names, local shards)."""
+        if self._parallel is None:
+            raise RuntimeError("parallelize has not been called")
+        return self._parallel.model
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the data replicas (TP ranks of a replica hold the same value)."""
+        t = t.clone()
+        dist.all_reduce(t, group=self.layout.dp_group)
+        return t
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        if self.dp_size > 1:
+            # Every rank built the model from the same seed; from here on each data replica
+            # draws its own dropout masks (its TP ranks stay in lockstep, as they must).
+            torch.manual_seed(derive_seed(self.cfg.train.seed, self.dp_rank))
+        self._parallel = parallelize_model(model, self.layout, self.cfg)
+        return self._parallel.module
+
+    def build_engine(self, model: nn.Module, cfg, total_steps: int, fp16: bool):
+        if self._parallel is None or model is not self._parallel.module:
+            raise RuntimeError("build_engine expects the module returned by parallelize")
+        return self._parallel.engine
+
+    def _gathered(self, params: list, modifier_rank: int | None):
+        if self.layout.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+        return contextlib.nullcontext()
+
+    def model_files(self, model: nn.Module) -> dict[str, Any]:
+        return sharded_model_files(self.parallel_model, self.layout, self._gathered)
+
+    def load_model_files(self, model: nn.Module, load: Callable[[str], Any]) -> None:
+        load_sharded_model_files(self.parallel_model, self.layout, load, self._gathered)
+
+    def shutdown(self) -> None:
+        if self._parallel is not None:
+            self._parallel.engine.close()
+            self._parallel = None
+        destroy_layout()
+        if self._owns_process_group:
+            dist.destroy_process_group()
