@@ -3,7 +3,7 @@
     python benchmarks/data.py                 # everything, about 2-3 minutes on 2 cores
     python benchmarks/data.py --work /tmp/x   # keep the prepared datasets there
 
-Measures, and prints as a markdown section for benchmarks/data.md:
+Measures, and prints as a markdown section for BENCHMARKS.md:
 - `prepare`: the full default run (train a BPE-8000 tokenizer on the bounded sample, tokenize
   everything, write shards) with all CPUs; tokenization alone (reusing that tokenizer) in MB/s of
   text with 1 and 2 workers; and the byte tokenizer.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ class MetricsLogger:
         if id_file.is_file():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(8)  # wandb ids: lowercase letters and digits
             id_file.write_text(run_id)
         return wandb.init(
             project=self.cfg.project,
@@ -84,6 +85,9 @@ class MetricsLogger:
             dir=str(run_dir),
             mode=self.cfg.wandb,
             config=run_config,
+            # wandb's own banners would interleave with the progress lines; close() names the
+            # run directory instead.
+            settings=wandb.Settings(silent=True),
         )
 
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
@@ -104,5 +108,8 @@ class MetricsLogger:
             self._file.close()
             self._file = None
         if self.wandb_run is not None:
+            run_dir = Path(self.wandb_run.dir).parent
             self.wandb_run.finish()
             self.wandb_run = None
+            if self.cfg.console and self.cfg.wandb == "offline":
+                print(f"wandb offline run; to upload it: wandb sync {run_dir}", flush=True)

@@ -85,9 +85,7 @@ def test_sigma_moe_with_all_experts_is_the_dense_sum():
     x_BTD = torch.randn(2, 5, 32, dtype=torch.float64)
     y, _ = moe(x_BTD)
     s_BTE = torch.sigmoid(x_BTD @ moe.sel.T)
-    ref = sum(
-        s_BTE[..., e, None] * (torch.relu(x_BTD @ moe.w1[e]) @ moe.w2[e]) for e in range(4)
-    )
+    ref = sum(s_BTE[..., e, None] * (torch.relu(x_BTD @ moe.w1[e]) @ moe.w2[e]) for e in range(4))
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -109,8 +107,9 @@ def test_sigmoid_topk_gates_are_raw_and_dropout_excludes():
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
     gates, idx = sigmoid_topk(logits, 2)
     assert sorted(idx[0].tolist()) == [0, 3]
-    torch.testing.assert_close(gates.sort(descending=True).values,
-                               torch.sigmoid(torch.tensor([[2.0, 1.0]])))
+    torch.testing.assert_close(
+        gates.sort(descending=True).values, torch.sigmoid(torch.tensor([[2.0, 1.0]]))
+    )
     drop = torch.tensor([[True, False, False, False]])
     gates, idx = sigmoid_topk(logits, 2, drop)
     assert sorted(idx[0].tolist()) == [2, 3]

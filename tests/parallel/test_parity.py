@@ -10,7 +10,7 @@ replicas), i.e. fp32 rounding, about 1e-7 relative per operation:
   measured on every layout;
 - later steps and the 20-step curve: <= 1e-4 relative. Adam divides each update by the running
   gradient RMS, so rounding differences in small gradients are not damped and can compound
-  step by step; measured deviations stay <= 2e-7 over 20 steps (benchmarks/parallel.md), and
+  step by step; measured deviations stay <= 2e-7 over 20 steps (BENCHMARKS.md), and
   the margin covers other CPUs' BLAS reduction orders.
 Deliberate bugs tried against these tests all fail them: the regulariser's statistics left per
 replica, expert gradients reduced over the data-parallel group instead of the expert-data-

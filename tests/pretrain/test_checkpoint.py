@@ -58,9 +58,8 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     time.sleep(0.3)  # mid-way through writing the first big save
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
-    for step, path in mgr.complete():
-        for name in ("w.pt",):
-            mgr.load(path, name)  # every complete checkpoint verifies
+    for _, path in mgr.complete():
+        mgr.load(path, "w.pt")  # every complete checkpoint verifies
     assert mgr.complete()[0][0] == 1
     # The next save cleans up the killed run's temporary directory.
     mgr.save(1000, {"w.pt": torch.ones(1)}, {})

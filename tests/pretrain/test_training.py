@@ -1,0 +1,131 @@
+"""End-to-end single-process training on real prepared text: learning, resume, evaluate, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from switchall.cli import main as cli_main
+from switchall.config import load_run_config
+from switchall.configtools import ConfigError
+from switchall.pretrain.metrics import latest_per_step, read_metrics
+from switchall.pretrain.runtime import LocalRuntime
+from switchall.pretrain.trainer import Trainer
+
+TINY = [
+    "model.vocab_size=400",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.seq_len=16",
+    "model.attention.d_head=16",
+    "model.moe.n_experts=4",
+    "model.moe.expert_size=16",
+    "model.moe.k=2",
+    "train.batch_size=4",
+    "train.log_every=2",
+    "train.eval_batches=4",
+    "logging.wandb=disabled",
+    "optim.warmup_steps=3",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A small real-text dataset: a slice of the standard library's sources, BPE vocab 400."""
+    root = tmp_path_factory.mktemp("data")
+    src = root / "text"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["argparse.py", "json/decoder.py", "textwrap.py", "heapq.py", "shlex.py"]:
+        shutil.copy(stdlib / name, src / name.replace("/", "_"))
+    val = root / "val.py"
+    shutil.copy(stdlib / "bisect.py", val)
+    out = root / "prepared"
+    argv = ["prepare", str(src), "--val", str(val), "--out", str(out), "--vocab-size", "400"]
+    assert cli_main([*argv, "--no-progress"]) == 0
+    return out
+
+
+def config(dataset: Path, name: str = "configs/demo_switchall.yaml", *extra: str):
+    return load_run_config(name, [*TINY, f"data.path={dataset}", *extra])
+
+
+def train(cfg, run_dir, resume=False, stop_after=None):
+    return Trainer(cfg, run_dir, LocalRuntime(torch.device("cpu")), resume=resume).run(
+        stop_after=stop_after
+    )
+
+
+@pytest.mark.parametrize("name", ["configs/demo_switchall.yaml", "configs/demo_transformer.yaml"])
+def test_short_run_lowers_validation_loss(dataset, tmp_path, name):
+    cfg = config(dataset, name, "train.steps=40", "optim.lr=3e-3")
+    result = train(cfg, tmp_path / "run")
+    vals = [r["val_loss"] for r in result["history"] if "val_loss" in r]
+    assert vals[-1] < vals[0] - 0.5, vals
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(2, 41, 2))
+    assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in steps)
+    assert {"val_loss", "val_ppl"} <= records[-1].keys()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert load_run_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("extra", [[], ["model.pos_encoding=rope", "model.mem_chunks=0"]])
+def test_resume_gives_identical_losses(dataset, tmp_path, extra):
+    """Stopped at step 5 and resumed = uninterrupted, bit for bit (XL memory, accumulation)."""
+    cfg = config(
+        dataset,
+        "configs/demo_switchall.yaml",
+        "train.steps=12",
+        "train.grad_accum=2",
+        "train.ckpt_every=4",
+        "model.moe.expert_dropout=0.2",
+        "model.attention.expert_dropout=0.2",
+        "model.dropout=0.1",
+        *extra,
+    )
+    train(cfg, tmp_path / "full")
+    stopped = train(cfg, tmp_path / "split", stop_after=5)
+    assert stopped["stopped"] and stopped["step"] == 5
+    train(cfg, tmp_path / "split", resume=True)
+    full = latest_per_step(read_metrics(tmp_path / "full" / "metrics.jsonl"), "loss")
+    split = latest_per_step(read_metrics(tmp_path / "split" / "metrics.jsonl"), "loss")
+    assert full == split
+    full_val = latest_per_step(read_metrics(tmp_path / "full" / "metrics.jsonl"), "val_loss")
+    split_val = latest_per_step(read_metrics(tmp_path / "split" / "metrics.jsonl"), "val_loss")
+    assert full_val[12] == split_val[12]
+
+
+def test_cli_pretrain_evaluate_count(dataset, tmp_path, capsys):
+    run = tmp_path / "cli"
+    args = ["configs/demo_transformer.yaml", *TINY, f"data.path={dataset}", "train.steps=4"]
+    assert cli_main(["pretrain", *args, "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    last_val = read_metrics(run / "metrics.jsonl")[-1]
+    assert out["step"] == 4 and out["val_loss"] == pytest.approx(last_val["val_loss"])
+    assert cli_main(["count", "configs/demo_transformer.yaml", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] > 0
+    # A second run into the same directory without --resume is refused, nothing touched.
+    before = (run / "metrics.jsonl").read_bytes()
+    assert cli_main(["pretrain", *args, "--run-dir", str(run)]) == 2
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_bad_inputs_name_the_culprit(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        train(
+            config(dataset, "configs/demo_switchall.yaml", "model.vocab_size=100"), tmp_path / "a"
+        )
+    cfg = config(dataset, "configs/demo_switchall.yaml", "train.steps=2")
+    train(cfg, tmp_path / "b")
+    other = config(dataset, "configs/demo_switchall.yaml", "train.steps=4", "model.d_model=48")
+    with pytest.raises(ConfigError, match="differs from the model of checkpoint"):
+        train(other, tmp_path / "b", resume=True)
