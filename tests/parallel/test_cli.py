@@ -3,6 +3,9 @@ command and loop as one process; metrics logged once, by rank 0, in global terms
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from switchall.pretrain.metrics import read_metrics
@@ -12,14 +15,23 @@ from tests.parallel.launch import SWITCHALL, TINY, torchrun
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
 
-def test_torchrun_pretrain_logs_global_metrics_once(dataset, reference, tmp_path):
+# `torchrun -m switchall` and torchrun running the installed `switchall` console script.
+LAUNCHERS = {
+    "module": ["-m", "switchall"],
+    "script": [str(Path(sys.executable).with_name("switchall"))],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_torchrun_pretrain_logs_global_metrics_once(dataset, reference, tmp_path, launcher):
+    if launcher == "script" and not Path(LAUNCHERS["script"][0]).is_file():
+        pytest.skip("the switchall console script is not installed next to this interpreter")
     run = tmp_path / "run"
     layout = ["parallel.expert=2", "parallel.zero_stage=1", "train.steps=3"]
     output = torchrun(
         2,
         [
-            "-m",
-            "switchall",
+            *LAUNCHERS[launcher],
             "pretrain",
             SWITCHALL,
             *overrides(dataset, TINY, *layout),
