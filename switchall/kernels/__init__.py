@@ -21,7 +21,7 @@ import torch
 
 from switchall.kernels.cvmm_op import cvmm_fwd, resolve_backend, resolve_deterministic
 from switchall.kernels.cvmm_torch import cvmm_reference, cvmm_torch
-from switchall.kernels.selection import CVMMSelection, cvmm_prepare
+from switchall.kernels.selection import CVMMSelection, cvmm_prepare, row_layout
 
 __all__ = ["CVMMConfig", "CVMMSelection", "cvmm", "cvmm_prepare", "cvmm_reference", "cvmm_torch"]
 
@@ -64,7 +64,9 @@ def cvmm(
         x: `[N, d_in]`, or `[N, R, d_in]` when R input rows share one output row (the heads of a
             token in SwitchHead's output projection, the k hidden rows of a σ-MoE expert).
         expert_idx: `[N, k]` (or `[N, R, k]`) int64 expert ids, or a `CVMMSelection` prepared
-            by `cvmm_prepare` to reuse one sort across matmuls.
+            by `cvmm_prepare` to reuse one sort across matmuls. With x `[N, d_in]`, ids
+            `[N, G, k]` feed each row of x to G groups of k slots (SwitchHead's value
+            projection, G = heads) without copying it.
         weight: `[E, d_in, d_out]` expert bank, same dtype as x (outside autocast): fp16,
             bf16 or fp32 (fp64 too on the torch backend).
         gates: optional weights, same shape as `expert_idx`; any float dtype, applied in fp32.
@@ -74,18 +76,18 @@ def cvmm(
         backend: "torch", "triton" or "auto" (None: `$SWITCHALL_CVMM_BACKEND`, else auto).
 
     Returns:
-        `[N, k, d_out]` (`[N, R, k, d_out]`) without gates; with gates, `[N, d_out]`: the
-        gate-weighted sum over all R*k slots of each row, computed without materialising the
-        per-slot outputs. Differentiable in x, weight and gates. Accumulation is fp32; the
-        output has x's dtype, or the autocast dtype under `torch.autocast`.
+        `[*expert_idx.shape, d_out]` without gates; with gates, `[N, d_out]`: the gate-weighted
+        sum over all R*k slots of each row (`[N, G, d_out]`, the sum over each group's k slots,
+        for the grouped form), computed without materialising the per-slot outputs.
+        Differentiable in x, weight and gates. Accumulation is fp32; the output has x's dtype,
+        or the autocast dtype under `torch.autocast`.
     """
     sel = (
         expert_idx
         if isinstance(expert_idx, CVMMSelection)
         else cvmm_prepare(expert_idx, weight.shape[0])
     )
-    if tuple(x.shape[:-1]) != tuple(sel.shape[:-1]):
-        raise ValueError(f"x {tuple(x.shape)} does not match expert_idx {sel.shape}")
+    slots_per_x_row, out_rows, out_lead = row_layout(tuple(x.shape), sel.shape)
     if weight.dim() != 3 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must be [E, {x.shape[-1]}, d_out], got {tuple(weight.shape)}")
     if weight.shape[0] != sel.num_experts:
@@ -117,10 +119,11 @@ def cvmm(
         sel.order_M,
         sel.offsets_E1,
         None if gates is None else gates.reshape(-1),
-        sel.slots_per_input_row,
-        sel.shape[0],
+        slots_per_x_row,
+        out_rows,
         resolve_deterministic(deterministic),
         allow_tf32,
         resolved_backend,
     )
-    return out if gates is not None else out.view(*sel.shape, weight.shape[-1])
+    shape = out_lead if gates is not None else sel.shape
+    return out.view(*shape, weight.shape[-1])

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from switchall.kernels.selection import CVMMSelection
+from switchall.kernels.selection import CVMMSelection, row_layout
 
 
 def _per_expert_mm(a_MK: torch.Tensor, w_EKN: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -121,16 +121,17 @@ def cvmm_torch(
     gates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CVMM with autograd-derived gradients; same contract as `switchall.kernels.cvmm`."""
+    slots_per_x_row, out_rows, out_lead = row_layout(tuple(x.shape), sel.shape)
     out = torch_forward(
         x.reshape(-1, x.shape[-1]),
         weight_EIO,
         sel.order_M,
         sel.offsets_E1,
         None if gates is None else gates.reshape(-1),
-        sel.slots_per_input_row,
-        sel.shape[0],
+        slots_per_x_row,
+        out_rows,
     )
-    return out if gates is not None else out.view(*sel.shape, weight_EIO.shape[-1])
+    return out.view(*(out_lead if gates is not None else sel.shape), weight_EIO.shape[-1])
 
 
 def cvmm_reference(
@@ -143,11 +144,14 @@ def cvmm_reference(
 
     Memory is O(M * I * O); use only on small shapes.
     """
-    x_rows = x.reshape(*expert_idx.shape[:-1], 1, x.shape[-1]).expand(*expert_idx.shape, -1)
+    _, _, out_lead = row_layout(tuple(x.shape), tuple(expert_idx.shape))
+    # Insert a unit dim for every dim x lacks (the grouped form's G, then k) and broadcast.
+    lead = x.shape[:-1] + (1,) * (expert_idx.dim() - x.dim() + 1)
+    x_rows = x.reshape(*lead, x.shape[-1]).expand(*expert_idx.shape, -1)
     w = weight_EIO[expert_idx]  # [..., k, I, O]
     y = torch.einsum("...i,...io->...o", x_rows, w)
     if gates is None:
         return y
     y = y * gates.to(y.dtype)[..., None]
-    slots = math.prod(expert_idx.shape[1:])
-    return y.reshape(expert_idx.shape[0], slots, weight_EIO.shape[-1]).sum(1)
+    slots_per_out_row = math.prod(expert_idx.shape[len(out_lead) :])
+    return y.reshape(*out_lead, slots_per_out_row, weight_EIO.shape[-1]).sum(-2)

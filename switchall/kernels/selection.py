@@ -92,3 +92,26 @@ def cvmm_prepare(expert_idx: torch.Tensor, num_experts: int) -> CVMMSelection:
     bounds_E1 = torch.arange(num_experts + 1, device=expert_idx.device)
     offsets_E1 = torch.searchsorted(sorted_expert_M, bounds_E1)
     return CVMMSelection(tuple(expert_idx.shape), num_experts, sorted_expert_M, order_M, offsets_E1)
+
+
+def row_layout(x_shape: tuple[int, ...], sel_shape: tuple[int, ...]) -> tuple[int, int, tuple]:
+    """How the rows of x meet the slots of a selection, for the three forms `cvmm` accepts.
+
+    Returns (slots per row of x, gated output rows, leading shape of the gated output):
+    - x `[N, I]`, ids `[N, k]`: k slots per row; gated output `[N, O]`.
+    - x `[N, R, I]`, ids `[N, R, k]`: R input rows share one gated output row, `[N, O]`
+      (SwitchHead's output projection sums over heads and experts at once).
+    - x `[N, I]`, ids `[N, G, k]`: one input row feeds G groups of k slots; gated output
+      `[N, G, O]`, a sum within each group (SwitchHead's value projection: G = heads). The row
+      is read, never copied G times.
+    """
+    x_lead, idx_lead = tuple(x_shape[:-1]), tuple(sel_shape[:-1])
+    slots = sel_shape[-1]
+    if x_lead == idx_lead:
+        return slots, (idx_lead[0] if idx_lead else 1), idx_lead[:1]
+    if len(x_lead) == 1 and len(idx_lead) == 2 and x_lead[0] == idx_lead[0]:
+        return idx_lead[1] * slots, idx_lead[0] * idx_lead[1], idx_lead
+    raise ValueError(
+        f"x {tuple(x_shape)} does not match expert_idx {tuple(sel_shape)}: expected x "
+        f"[*lead, d_in] with ids [*lead, k], or x [N, d_in] with ids [N, G, k]"
+    )

@@ -125,15 +125,12 @@ class SwitchHeadAttention(nn.Module):
         if name not in self.moe:
             return heads_first(getattr(self, name)(x_BSD), self.num_heads)
         b, s, d = x_BSD.shape
-        h, k = self.num_heads, self.top_k
-        y_XSO = cvmm(
-            x_BSD.reshape(b * s, d),
-            route.sel.reshape(b * s, h * k),
-            getattr(self, f"{name}_experts"),
+        # Each token row feeds all heads' selections; the gated sum over each head's k experts
+        # is fused, so neither per-head copies of x nor per-expert outputs are kept for backward.
+        y_XHD = cvmm(
+            x_BSD.reshape(b * s, d), route.sel, getattr(self, f"{name}_experts"), route.gates_XHK
         )
-        y_XHKD = y_XSO.view(b * s, h, k, self.d_head)
-        y_XHD = (y_XHKD * route.gates_XHK[..., None].to(y_XHKD.dtype)).sum(2)
-        return y_XHD.view(b, s, h, self.d_head).transpose(1, 2)
+        return y_XHD.view(b, s, self.num_heads, self.d_head).transpose(1, 2)
 
     def forward(
         self,

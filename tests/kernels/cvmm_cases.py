@@ -36,6 +36,7 @@ class Case:
     d_out: int
     experts_used: tuple[int, ...] | None = None  # restrict routing (leaves others empty)
     skew: bool = False  # send almost every row to expert 0
+    grouped: bool = False  # x `[N, I]` shared by the `rows` groups (SwitchHead's V projection)
 
     def __str__(self) -> str:
         return self.name
@@ -60,6 +61,7 @@ CASES = [
     Case("skewed", n=260, rows=(), k=1, num_experts=3, d_in=16, d_out=48, skew=True),
     Case("R_heads_oproj", n=40, rows=(4,), k=2, num_experts=8, d_in=28, d_out=50),
     Case("sigma_moe_w2", n=60, rows=(3,), k=1, num_experts=6, d_in=20, d_out=36),
+    Case("G_heads_vproj", n=45, rows=(3,), k=2, num_experts=9, d_in=30, d_out=14, grouped=True),
     Case("M0", n=0, rows=(), k=2, num_experts=3, d_in=12, d_out=10),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
@@ -75,7 +77,7 @@ def make_inputs(case: Case, dtype: torch.dtype = torch.float32, seed: int = 0):
     idx = torch.stack(picks) if picks else torch.zeros(0, case.k, dtype=torch.int64)
     if case.skew:
         idx[: num_in_rows - 3] = 0  # one expert gets many tiles, two get a single row
-    x = torch.randn(*lead, case.d_in, generator=gen)
+    x = torch.randn(*(lead[:1] if case.grouped else lead), case.d_in, generator=gen)
     weight = torch.randn(case.num_experts, case.d_in, case.d_out, generator=gen) / case.d_in**0.5
     gates = torch.rand(*lead, case.k, generator=gen) + 0.1
     return x.to(dtype), idx.view(*lead, case.k), weight.to(dtype), gates

@@ -54,7 +54,7 @@ def test_triton_matches_reference_fp32(case, gated, deterministic):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
-@pytest.mark.parametrize("case_name", ["nonmultiple_k2", "R_heads_oproj"])
+@pytest.mark.parametrize("case_name", ["nonmultiple_k2", "R_heads_oproj", "G_heads_vproj"])
 def test_half_precision_matches_reference(case_name, dtype, deterministic):
     case = CASE_BY_NAME[case_name]
     x, idx, w, gates = make_inputs(case, dtype)

@@ -115,7 +115,7 @@ def poisoned_allocations(monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["slots", "gated"])
-@pytest.mark.parametrize("case_name", ["R_heads_oproj", "empty_experts"])
+@pytest.mark.parametrize("case_name", ["R_heads_oproj", "empty_experts", "G_heads_vproj"])
 def test_deterministic_mode_is_bitwise_reproducible(case_name, gated, poisoned_allocations):
     x, idx, w, gates = make_inputs(CASE_BY_NAME[case_name])
     gates = gates if gated else None
@@ -131,16 +131,18 @@ def test_deterministic_mode_is_bitwise_reproducible(case_name, gated, poisoned_a
         assert_close_scaled(got, want, TOLERANCE[torch.float32], "deterministic")
 
 
+@pytest.mark.parametrize("case_name", ["R_heads_oproj", "G_heads_vproj"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
-def test_gated_path_never_allocates_per_slot_rows(deterministic, poisoned_allocations):
+def test_gated_path_never_allocates_per_slot_rows(deterministic, case_name, poisoned_allocations):
     """Memory of the fused reduction does not grow with k: nothing [M, width] is allocated.
 
-    M = N*R*k = 320 slots of I = 28 -> O = 50. Materialising the per-slot outputs, the
-    per-slot input gradients or gates (x) grad_out would allocate M * 28 or M * 50 floats;
-    the legitimate buffers are [N, O], [N*R, I] (= M * I / k) and the gate-gradient partials
-    [cdiv(I, 16), M].
+    R_heads_oproj: M = N*R*k = 320 slots of I = 28 -> O = 50. Materialising the per-slot
+    outputs, the per-slot input gradients or gates (x) grad_out would allocate M * 28 or M * 50
+    floats; the legitimate buffers are [N, O], [N*R, I] (= M * I / k) and the gate-gradient
+    partials [cdiv(I, 16), M]. G_heads_vproj (one x row for G groups): M = N*G*k = 270 slots of
+    I = 30 -> O = 14; legitimate: [N*G, O], [N, I] and the partials [cdiv(I, 16), M].
     """
-    case = CASE_BY_NAME["R_heads_oproj"]
+    case = CASE_BY_NAME[case_name]
     x, idx, w, gates = make_inputs(case)
     num_slots = idx.numel()
     results, _ = run_with_grads(
