@@ -5,8 +5,9 @@
 
 Problems (spec §1.5, §4): the V and O projections of SwitchHead 262M (d_model 1024; 4 heads
 x 4 experts, k 2, d_head 112; 2 heads x 8 experts, k 4, d_head 132) and both σ-MoE matmuls of
-SwitchAll 259M (32 experts of size 128, k 4). V and W1 return per-slot rows; O (summing all
-heads' slots) and W2 (x [T, k, 128], ids [T, k, 1]) return the gated sums.
+SwitchAll 259M (32 experts of size 128, k 4), called as the models call them: V (x [T, d],
+ids [T, heads, k]) returns each head's gated sum, O (summing all heads' slots) and W2
+(x [T, k, 128], ids [T, k, 1]) the row's gated sum, W1 per-slot rows.
 
 Useful FLOPs are 2 * assignments * d_in * d_out forward and twice that backward. "dense"
 multiplies [assignments, d_in] by one [d_in, d_out] matrix: the same FLOPs with no routing,
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from switchall.kernels import cvmm, cvmm_prepare, cvmm_torch
+from switchall.kernels.selection import row_layout
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Problem:
     d_in: int
     d_out: int
     input_rows: str  # "token": x [T, d]; "group": x [T, G, d]; "slot": x [T, G*k, d]
+    # (gated "token" problems keep ids [T, G, k]: each head's gated sum, as SwitchHead's V)
     gated: bool
 
     @property
@@ -49,9 +52,9 @@ class Problem:
 
 
 PROBLEMS = [
-    Problem("switchhead_v_h4e4k2", 4, 4, 2, 1024, 112, "token", gated=False),
+    Problem("switchhead_v_h4e4k2", 4, 4, 2, 1024, 112, "token", gated=True),
     Problem("switchhead_o_h4e4k2", 4, 4, 2, 112, 1024, "group", gated=True),
-    Problem("switchhead_v_h2e8k4", 2, 8, 4, 1024, 132, "token", gated=False),
+    Problem("switchhead_v_h2e8k4", 2, 8, 4, 1024, 132, "token", gated=True),
     Problem("switchhead_o_h2e8k4", 2, 8, 4, 132, 1024, "group", gated=True),
     Problem("sigma_moe_w1_e32k4", 1, 32, 4, 1024, 128, "token", gated=False),
     Problem("sigma_moe_w2_e32k4", 1, 32, 4, 128, 1024, "slot", gated=True),
@@ -65,7 +68,7 @@ def make_inputs(p: Problem, tokens: int, dtype: torch.dtype, device: str):
     first_expert = torch.arange(p.groups, device=device)[:, None] * p.experts_per_group
     idx = scores.topk(p.k, dim=-1).indices + first_expert  # [T, G, k]
     if p.input_rows == "token":
-        lead, idx = (tokens,), idx.view(tokens, -1)
+        lead, idx = (tokens,), (idx if p.gated else idx.view(tokens, -1))
     elif p.input_rows == "group":
         lead = (tokens, p.groups)
     else:
@@ -78,15 +81,16 @@ def make_inputs(p: Problem, tokens: int, dtype: torch.dtype, device: str):
 
 def grouped_mm_cvmm(x, sel, w, gates):
     """Gather rows in expert order, torch._grouped_mm, scatter back (gated sum with index_add)."""
-    k = sel.slots_per_input_row
+    k, out_rows, out_lead = row_layout(tuple(x.shape), sel.shape)
     x_MI = x.reshape(-1, x.shape[-1]).index_select(0, sel.order_M // k)
     y_MO = torch._grouped_mm(x_MI, w, offs=sel.offsets_E1[1:].to(torch.int32))
     if gates is None:
         out = y_MO.new_zeros(y_MO.shape).index_copy(0, sel.order_M, y_MO)
         return out.view(*sel.shape, -1)
     g_M = gates.reshape(-1).index_select(0, sel.order_M).to(y_MO.dtype)
-    rows = sel.order_M // (sel.num_assignments // sel.shape[0])
-    return y_MO.new_zeros(sel.shape[0], w.shape[2]).index_add(0, rows, y_MO * g_M[:, None])
+    rows = sel.order_M // (sel.num_assignments // out_rows)
+    out = y_MO.new_zeros(out_rows, w.shape[2]).index_add(0, rows, y_MO * g_M[:, None])
+    return out.view(*out_lead, -1)
 
 
 def implementations(device: str) -> dict[str, Callable]:

@@ -89,11 +89,12 @@ def torch_backward(
         g_M = gates_M.index_select(0, order_M).to(acc)
     in_row_M = order_M // k
     grad_x = grad_w = grad_g = None
+    # One gather of the input rows in expert order serves the gate and the weight gradients.
+    x_MI = x_rows.index_select(0, in_row_M) if need_gates or need_w else None
     if need_x or need_gates:
         t_MI = _per_expert_mm(go_MO, weight_EIO.transpose(1, 2), counts).to(acc)
         if need_gates:
-            x_MI = x_rows.index_select(0, in_row_M).to(acc)
-            dots_M = (t_MI * x_MI).sum(-1)
+            dots_M = (t_MI * x_MI.to(acc)).sum(-1)
             grad_g = torch.zeros_like(dots_M).index_copy(0, order_M, dots_M).to(gates_M.dtype)
         if need_x:
             if gates_M is not None:
@@ -101,7 +102,6 @@ def torch_backward(
             grad_x = torch.zeros(x_rows.shape, dtype=acc, device=x_rows.device)
             grad_x = grad_x.index_add(0, in_row_M, t_MI).to(x_rows.dtype)
     if need_w:
-        x_MI = x_rows.index_select(0, in_row_M)
         if gates_M is not None:
             # Rounded to the input dtype before the matmul, like the kernel's tensor-core input.
             go_MO = (go_MO.to(acc) * g_M[:, None]).to(go_MO.dtype)
