@@ -72,7 +72,8 @@ def register(verbs) -> None:
         "--encoding-errors",
         choices=("strict", "replace"),
         default="strict",
-        help="undecodable UTF-8 in text files: an error (default), or U+FFFD",
+        help="undecodable UTF-8 in text files: an error (default), or U+FFFD "
+        "(the byte tokenizer takes file bytes as they are)",
     )
     p.add_argument(
         "--shard-tokens", type=int, default=1 << 22, metavar="N", help="tokens per shard (4Mi)"

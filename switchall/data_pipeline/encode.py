@@ -81,6 +81,17 @@ def encode_unit(unit: Unit) -> UnitResult:
     return encode_with(tok, opts, unit)
 
 
+def _refuse_nul(bytes_B: np.ndarray, origin: str) -> None:
+    """Byte 0 is the byte tokenizer's end-of-document token, so it cannot also be text."""
+    at = np.flatnonzero(bytes_B == 0)
+    if at.size:
+        raise DataError(
+            f"{origin}: holds a NUL byte (byte {int(at[0])} of a piece), which the byte "
+            "tokenizer uses as its end-of-document token; remove NULs or use a sentencepiece "
+            "tokenizer"
+        )
+
+
 def encode_with(tok, opts: TextOptions, unit: Unit) -> UnitResult:
     dtype = token_dtype(tok.vocab_size)
     byte_level = isinstance(tok, ByteTokenizer)
@@ -94,6 +105,8 @@ def encode_with(tok, opts: TextOptions, unit: Unit) -> UnitResult:
             if kind == "jsonl" and not text:
                 continue  # an empty document gets no end-of-document token either
             pieces.append(np.frombuffer(text.encode(), dtype=np.uint8) if byte_level else text)
+        if byte_level:
+            _refuse_nul(pieces[-1], origin)
         kept.append((split, final))
     if not byte_level:
         # One batched call per unit: sentencepiece's per-call overhead dominates short documents.

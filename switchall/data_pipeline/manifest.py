@@ -3,11 +3,14 @@
 A dataset location is a local directory, a `file://` or `http(s)://` URL of one, the URL of
 `manifest.json` itself, or a template with `{}` standing for a file name (for example
 `pipe:aws s3 cp s3://bucket/ds/{} -`). Files are opened with `webdataset.gopen`, so every
-scheme webdataset knows works; remote reads are retried (see `fetch`).
+scheme webdataset knows works; remote reads are retried (see `fetch`). HTTP(S) goes through our
+own `curl` command line rather than webdataset's, which retries 30 times inside curl and never
+gives up on a server that stops sending.
 
 The manifest is written last, atomically, by `switchall prepare`: a directory without one is an
-unfinished dataset. It holds no timestamps or machine paths, so preparing the same inputs
-twice gives the same bytes, and `Manifest.fingerprint` identifies the token content.
+unfinished dataset. It holds no timestamps, so preparing the same inputs twice gives the same
+bytes; the inputs are recorded as given (`source`), and `Manifest.fingerprint`, which leaves
+them out, identifies the token content.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ FORMAT = "switchall.tokens"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 log = logging.getLogger("switchall.data")
+# curl gives up on a transfer that has sent under 1 byte/s for this long (a hung server).
+HTTP_STALL_SECONDS = 60
+HTTP_CONNECT_TIMEOUT_SECONDS = 30
 
 
 class DataError(ValueError):
@@ -59,7 +65,9 @@ class Manifest:
     splits: dict[str, tuple[ShardInfo, ...]]
     source: dict[str, Any]
     fingerprint: str
-    """sha256 of the manifest's canonical JSON: changes whenever any token of the dataset does."""
+    """sha256 of the manifest's canonical JSON less `source` (the inputs as named on the
+    preparing machine): changes whenever any token of the dataset does, but not when the same
+    corpus is prepared again from another directory (a checkpoint then resumes on it)."""
 
     def shards(self, split: str) -> tuple[ShardInfo, ...]:
         if split not in self.splits:
@@ -101,11 +109,28 @@ def local_path(url: str) -> Path:
     return Path(url2pathname(urlparse(url).path)) if url.startswith("file:") else Path(url)
 
 
+def _open(url: str):
+    """A binary read stream of `url`: HTTP(S) with bounded curl timeouts, else `gopen`."""
+    from webdataset.gopen import Pipe, gopen
+
+    if urlparse(url).scheme not in ("http", "https"):
+        return gopen(url, "rb")
+    argv = [
+        "curl", "--fail", "--silent", "--location", "--retry", "0",
+        "--connect-timeout", str(HTTP_CONNECT_TIMEOUT_SECONDS),
+        "--speed-limit", "1", "--speed-time", str(HTTP_STALL_SECONDS),
+        url,
+    ]  # fmt: skip
+    try:
+        # Exit statuses 141/23 are curl's reader closing early, as webdataset treats them.
+        return Pipe(argv, mode="rb", bufsize=8192, ignore_status=[141, 23])
+    except FileNotFoundError:
+        raise DataError(f"reading {url} needs the curl command, which is not on PATH") from None
+
+
 def fetch(url: str, what: str, *, retries: int = 3, retry_delay: float = 0.5) -> bytes:
     """All bytes of `url`. Remote sources are retried `retries` times with exponential backoff;
     a local file that is missing fails at once. Errors name `what` and the URL."""
-    from webdataset.gopen import gopen
-
     attempts = 1 if is_local(url) else 1 + max(0, retries)
     reason = ""
     for attempt in range(attempts):
@@ -117,10 +142,12 @@ def fetch(url: str, what: str, *, retries: int = 3, retry_delay: float = 0.5) ->
         try:
             # Closing a `pipe:`/curl stream waits for the command and raises on a bad exit status,
             # which is how a connection dropped mid-file shows up.
-            with gopen(url, "rb") as stream:
+            with _open(url) as stream:
                 return stream.read()
         except FileNotFoundError:
             raise DataError(f"{what}: missing ({url})") from None
+        except DataError:
+            raise  # not transient (no curl): retrying cannot help
         except (OSError, ValueError) as e:
             reason = _describe(e)
     raise DataError(f"{what}: {url} unreachable after {attempts} attempts: {reason}")
@@ -209,7 +236,9 @@ def parse_manifest(raw: bytes, location: str) -> Manifest:
         tokenizer=tokenizer,
         splits=splits,
         source=tree.get("source", {}),
-        fingerprint=hashlib.sha256(canonical_json(tree)).hexdigest(),
+        fingerprint=hashlib.sha256(
+            canonical_json({k: v for k, v in tree.items() if k != "source"})
+        ).hexdigest(),
     )
 
 

@@ -106,6 +106,9 @@ def train_sentencepiece(
             byte_fallback=True,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
+            # No "▁" prepended to each encode call: big files are encoded in pieces, and a
+            # dummy prefix would insert a space at every piece boundary.
+            add_dummy_prefix=False,
             allow_whitespace_only_pieces=True,
             input_sentence_size=0,
             max_sentence_length=16384,

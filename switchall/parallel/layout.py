@@ -117,12 +117,17 @@ def destroy_layout() -> None:
     ps.destroy_model_parallel()
 
 
-def check_layout(cfg: RunConfig, world_size: int) -> None:
+def check_layout(cfg: RunConfig, world_size: int, device_type: str | None = None) -> None:
     """Reject a layout that cannot run, naming the setting at fault (`ConfigError`).
 
-    Runs before any process group or model is built.
+    Runs before any process group or model is built. `device_type` ("cpu" or "cuda") defaults
+    to the device `train.device` resolves to on this machine.
     """
     p, m, t = cfg.parallel, cfg.model, cfg.train
+    if device_type is None:
+        from switchall.pretrain.runtime import resolve_device
+
+        device_type = resolve_device(t.device).type
     launch = "launch with torchrun --nproc_per_node N"
     if world_size == 1 and (p.tensor > 1 or p.expert > 1):
         key, size = ("parallel.tensor", p.tensor) if p.tensor > 1 else ("parallel.expert", p.expert)
@@ -189,4 +194,12 @@ def check_layout(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(
             "train.precision",
             "fp16 loss scaling is not wired into the DeepSpeed engine yet; use bf16 or fp32",
+        )
+    if p.tensor > 1 and t.precision == "bf16" and device_type != "cuda":
+        # megatron-core's tensor-parallel autograd functions re-enter autocast as CUDA-only
+        # custom_fwd/custom_bwd, which fails under CPU autocast in the backward pass.
+        raise ConfigError(
+            "train.precision",
+            f"bf16 with parallel.tensor={p.tensor} needs CUDA devices (megatron-core's "
+            f"tensor-parallel layers support autocast on CUDA only); use fp32 on {device_type}",
         )

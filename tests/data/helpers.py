@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -84,13 +85,34 @@ class _DroppingHandler(_QuietHandler):
         self.connection.shutdown(2)
 
 
-class Server:
-    """An HTTP server on 127.0.0.1 serving `root`, in a thread; use as a context manager."""
+class _StallingHandler(_DroppingHandler):
+    """Sends half of the first shard asked for, then stops sending and holds the connection
+    open (a hung server); curl's low-speed check needs about 7 s to notice with a 1 s limit."""
 
-    def __init__(self, root: Path, dropping: bool = False):
-        handler = _DroppingHandler if dropping else _QuietHandler
-        if dropping:
-            _DroppingHandler.dropped = set()
+    stall_seconds = 20.0
+
+    def do_GET(self) -> None:
+        if not self.path.endswith(".tar") or self.dropped:
+            return _QuietHandler.do_GET(self)
+        self.dropped.add(self.path)
+        data = Path(self.translate_path(self.path)).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        time.sleep(self.stall_seconds)
+        self.close_connection = True
+
+
+class Server:
+    """An HTTP server on 127.0.0.1 serving `root`, in a thread; use as a context manager.
+    `dropping`: each shard's first request is cut off half way; `stalling`: the first request
+    for a shard hangs half way."""
+
+    def __init__(self, root: Path, dropping: bool = False, stalling: bool = False):
+        handler = _StallingHandler if stalling else _DroppingHandler if dropping else _QuietHandler
+        _DroppingHandler.dropped = set()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

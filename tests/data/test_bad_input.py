@@ -116,6 +116,14 @@ def test_bad_corpus_files_are_named(tmp_path):
     with pytest.raises(DataError, match=rf"{latin}: not UTF-8 text.*--encoding-errors replace"):
         make_dataset(tmp_path / "c", [str(latin)], tokenizer=None, val_fraction=0.0)
     make_dataset(tmp_path / "d", [str(latin)], encoding_errors="replace", val_fraction=0.0)
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"text\nwith a \x00 inside\n")
+    with pytest.raises(DataError, match=rf"{nul}: holds a NUL byte \(byte 12 .*end-of-document"):
+        make_dataset(tmp_path / "n1", [str(nul)], val_fraction=0.0)
+    nul_json = tmp_path / "nul.jsonl"
+    nul_json.write_text(json.dumps({"text": "a\u0000b"}) + "\n")
+    with pytest.raises(DataError, match=rf"{nul_json}:1: holds a NUL byte \(byte 1 "):
+        make_dataset(tmp_path / "n2", [str(nul_json)], val_fraction=0.0)
     lines = "".join(json.dumps({"text": synthetic_text(i, 50)}) + "\n" for i in range(40))
     compressors = {".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress}
     for suffix, compress in compressors.items():

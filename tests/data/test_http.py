@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from switchall.data_pipeline import DataError, TokenLoader, read_manifest
+from switchall.data_pipeline import manifest as manifest_mod
 from tests.data.helpers import Server, global_stream
 
 GBS, T = 16, 64
@@ -39,6 +40,24 @@ def test_connection_dropped_mid_shard_is_retried(small_ds, caplog):
     assert all(torch.equal(a, b) for a, b in zip(local, remote, strict=True))
     assert len(dropped) >= 2  # several shards arrived cut in half at first
     assert "retrying shard" in caplog.text and "(transfer cut short)" in caplog.text
+
+
+def test_stalled_transfer_times_out_and_is_retried(small_ds, caplog, monkeypatch):
+    """A server that stops sending mid-shard is given up on after HTTP_STALL_SECONDS (not
+    waited on forever), and the shard is fetched again."""
+    monkeypatch.setattr(manifest_mod, "HTTP_STALL_SECONDS", 1)
+    local = stream(small_ds, 4)
+    with Server(small_ds, stalling=True) as server, caplog.at_level(logging.WARNING):
+        remote = stream(server.url, 4, retry_delay=0.01)
+        stalled = set(server.httpd.RequestHandlerClass.func.dropped)
+    assert all(torch.equal(a, b) for a, b in zip(local, remote, strict=True))
+    assert stalled and "retrying shard" in caplog.text and "(timed out)" in caplog.text
+
+
+def test_missing_curl_is_named(small_ds, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with Server(small_ds) as server, pytest.raises(DataError, match="needs the curl command"):
+        read_manifest(server.url)
 
 
 def test_unreachable_source_fails_clearly(small_ds, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -117,6 +118,10 @@ def test_validation_inputs_and_big_files(tmp_path, monkeypatch):
     ds = make_dataset(tmp_path / "ds", [str(big)], val_inputs=[str(valid)])
     assert [bytes(d) for d in documents(ds, "train")] == [big.read_bytes()]
     assert [bytes(d) for d in documents(ds, "val")] == [valid.read_bytes()]
+    # A trained sentencepiece model adds nothing at the piece boundaries either.
+    sp_ds = make_dataset(tmp_path / "sp", [str(big)], tokenizer=None, vocab_size=400)
+    tok = load_tokenizer(sp_ds)
+    assert [tok.decode(d) for d in documents(sp_ds, "train")] == [big.read_text()]
 
 
 @pytest.mark.timeout(120)
@@ -165,6 +170,19 @@ def test_interrupted_prepare_resumes(tmp_path, corpus_dir, monkeypatch):
     make_dataset(out, [str(corpus_dir)])
     assert tree_bytes(out) == tree_bytes(reference)
     assert encoded and encoded[0] > 0  # resumed: the first units were not encoded again
+
+
+def test_fingerprint_is_the_token_content(tmp_path, corpus_dir, byte_ds):
+    """The same corpus prepared from another directory has the same fingerprint (a run resumes
+    on it); one changed byte changes it."""
+    moved = shutil.copytree(corpus_dir, tmp_path / "elsewhere")
+    again = make_dataset(tmp_path / "again", [str(moved)])
+    assert read_manifest(again).source != read_manifest(byte_ds).source
+    assert read_manifest(again).fingerprint == read_manifest(byte_ds).fingerprint
+    first = sorted(moved.rglob("*.txt"))[0]
+    first.write_text(first.read_text() + "!")
+    changed = make_dataset(tmp_path / "changed", [str(moved)])
+    assert read_manifest(changed).fingerprint != read_manifest(byte_ds).fingerprint
 
 
 def test_rerun_is_a_no_op_and_other_options_are_refused(tmp_path, corpus_dir):

@@ -76,6 +76,17 @@ def test_dense_model_layouts():
     check_layout(load_run_config(SWITCHALL, [*TINY, "parallel.tensor=2", "parallel.expert=2"]), 4)
 
 
+def test_tensor_parallel_bf16_needs_cuda():
+    """megatron-core's TP layers only support autocast on CUDA: refused on CPU, allowed on GPU,
+    and bf16 without tensor parallelism stays allowed on CPU."""
+    tp_bf16 = load_run_config(SWITCHALL, [*TINY, "parallel.tensor=2", "train.precision=bf16"])
+    with pytest.raises(ConfigError) as err:
+        check_layout(tp_bf16, 2, device_type="cpu")
+    assert err.value.key == "train.precision" and "needs CUDA" in str(err.value)
+    check_layout(tp_bf16, 2, device_type="cuda")
+    check_layout(load_run_config(SWITCHALL, [*TINY, "train.precision=bf16"]), 2, device_type="cpu")
+
+
 def test_runtime_checks_before_joining_a_job(monkeypatch):
     """`make_runtime` validates against WORLD_SIZE before any process group is created."""
     monkeypatch.setenv("WORLD_SIZE", "4")
