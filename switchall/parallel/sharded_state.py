@@ -1,4 +1,6 @@
-"""Model checkpoint files of a parallel run: every tensor saved exactly once, with global names.
+"""Model checkpoint files of a parallel run, with global names: every expert and every
+tensor-parallel shard saved exactly once; tensors that TP does not split (LayerNorms,
+embeddings) are saved in each `model_tp*.pt`, which keeps loading a single-file read per rank.
 
 A parameter is identified by its single-device name (the parallel modules keep them) and the
 slices of the full tensor this rank holds (`switchall_shards`: (dim, start, full size) per
