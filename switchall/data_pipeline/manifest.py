@@ -257,25 +257,6 @@ def read_manifest(location: str | os.PathLike, *, retries: int = 3) -> Manifest:
     return parse_manifest(fetch(url, "manifest", retries=retries), location)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def manifest_bytes(tree: dict[str, Any]) -> bytes:
     """The on-disk form: sorted keys, so equal content gives equal bytes."""
     return (json.dumps(tree, sort_keys=True, indent=1) + "\n").encode()

@@ -42,7 +42,6 @@ from switchall.data_pipeline.manifest import (
     canonical_json,
     manifest_bytes,
     parse_manifest,
-    write_atomic,
 )
 from switchall.data_pipeline.shards import CHUNK_TOKENS
 from switchall.data_pipeline.splitwriter import STATE_NAME, SplitWriter, save_state
@@ -52,6 +51,7 @@ from switchall.data_pipeline.tokenizer import (
     token_dtype,
     train_sentencepiece,
 )
+from switchall.fileio import write_atomic
 
 
 @dataclass(kw_only=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from switchall.data_pipeline.manifest import DataError, ShardInfo, fetch, fsync_dir, is_local
+from switchall.data_pipeline.manifest import DataError, ShardInfo, fetch, is_local
+from switchall.fileio import fsync_dir
 
 CHUNK_TOKENS = 1 << 16
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from switchall.data_pipeline.manifest import ShardInfo, canonical_json, write_atomic
+from switchall.data_pipeline.manifest import ShardInfo, canonical_json
 from switchall.data_pipeline.shards import npy_bytes, write_shard
+from switchall.fileio import write_atomic
 
 STATE_NAME = "prepare_state.json"
 

@@ -21,29 +21,13 @@ from typing import Any
 
 import torch
 
+from switchall.fileio import fsync_dir, write_atomic
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -99,17 +83,20 @@ class CheckpointManager:
             buf = io.BytesIO()
             torch.save(obj, buf)
             data = buf.getvalue()
-            write_atomic(tmp / name, data)
+            write_atomic(tmp / name, data, sync_dir=False)
             hashes[name] = hashlib.sha256(data).hexdigest()
-        write_atomic(tmp / f"files_rank{self.rank}.json", json.dumps(hashes).encode())
+        write_atomic(
+            tmp / f"files_rank{self.rank}.json", json.dumps(hashes).encode(), sync_dir=False
+        )
         self.barrier()
         if self.rank == 0:
-            write_atomic(tmp / "meta.json", json.dumps({"step": step, **meta}, indent=1).encode())
-            _fsync_dir(tmp)
+            meta_bytes = json.dumps({"step": step, **meta}, indent=1).encode()
+            write_atomic(tmp / "meta.json", meta_bytes, sync_dir=False)
+            fsync_dir(tmp)
             if final.exists():  # an older save of the same step (e.g. resumed, then re-saved)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._prune()
         self.barrier()
         return final
