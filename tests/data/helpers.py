@@ -71,8 +71,15 @@ class _DroppingHandler(_QuietHandler):
 
     dropped: set[str] = set()
 
+    def fails_now(self) -> bool:
+        return self.path not in self.dropped
+
+    def after_half(self) -> None:
+        self.close_connection = True
+        self.connection.shutdown(2)
+
     def do_GET(self) -> None:
-        if not self.path.endswith(".tar") or self.path in self.dropped:
+        if not self.path.endswith(".tar") or not self.fails_now():
             return super().do_GET()
         self.dropped.add(self.path)
         data = Path(self.translate_path(self.path)).read_bytes()
@@ -81,8 +88,7 @@ class _DroppingHandler(_QuietHandler):
         self.end_headers()
         self.wfile.write(data[: len(data) // 2])
         self.wfile.flush()
-        self.close_connection = True
-        self.connection.shutdown(2)
+        self.after_half()
 
 
 class _StallingHandler(_DroppingHandler):
@@ -91,16 +97,10 @@ class _StallingHandler(_DroppingHandler):
 
     stall_seconds = 20.0
 
-    def do_GET(self) -> None:
-        if not self.path.endswith(".tar") or self.dropped:
-            return _QuietHandler.do_GET(self)
-        self.dropped.add(self.path)
-        data = Path(self.translate_path(self.path)).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data[: len(data) // 2])
-        self.wfile.flush()
+    def fails_now(self) -> bool:
+        return not self.dropped
+
+    def after_half(self) -> None:
         time.sleep(self.stall_seconds)
         self.close_connection = True
 
