@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from switchall.data_pipeline import TokenLoader, read_manifest
+from switchall.launch.local import free_port
 
 
 def timed_prepare(out: Path, *flags: str, repeat: int = 1) -> tuple[float, dict]:
@@ -84,12 +84,6 @@ def resume_seconds(location: str, mode: str, batches: int, gbs: int, seq_len: in
     loader.load_state_dict({**loader.state_dict(), "batches": batches})
     next(iter(loader))
     return time.perf_counter() - start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:

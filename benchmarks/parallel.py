@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from switchall.launch.local import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = [
@@ -192,19 +193,7 @@ def _launch(nproc: int, cases: list[dict], work: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, __file__, "--worker", str(spec)]
     if nproc:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(port),
-            *cmd[1:],
-        ]
+        cmd = torchrun_command(nproc, cmd[1:])
     subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from switchall.launch.local import torchrun_command
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
@@ -61,29 +61,12 @@ SWITCHALL = str(REPO / "configs/demo_switchall.yaml")
 TRANSFORMER = str(REPO / "configs/demo_transformer.yaml")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, args: list[str], timeout: float, cwd: Path = REPO) -> str:
     """Run `torchrun --nproc_per_node nproc ARGS`; fail (killing every rank) on error or timeout.
 
     The job runs in its own session, so a hang is ended by killing the whole process group.
     """
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        *args,
-    ]
+    cmd = torchrun_command(nproc, args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
         cmd,
