@@ -59,24 +59,22 @@ def overrides(dataset: Path, base: list[str], *extra: str) -> list[str]:
     return [*base, f"data.path={dataset}", *extra]
 
 
-def switchall_case(name: str, dataset: Path, *extra: str, steps: int = 3, **kw) -> dict:
+def _case(name: str, config: str, base: list[str], dataset: Path, extra, steps: int, kw) -> dict:
     return {
         "name": name,
-        "config": SWITCHALL,
-        "overrides": overrides(dataset, TINY, f"train.steps={steps}", *extra),
+        "config": config,
+        "overrides": overrides(dataset, base, f"train.steps={steps}", *extra),
         "run_dir": kw.pop("run_dir", name),
         **kw,
     }
+
+
+def switchall_case(name: str, dataset: Path, *extra: str, steps: int = 3, **kw) -> dict:
+    return _case(name, SWITCHALL, TINY, dataset, extra, steps, kw)
 
 
 def transformer_case(name: str, dataset: Path, *extra: str, steps: int = 3, **kw) -> dict:
-    return {
-        "name": name,
-        "config": TRANSFORMER,
-        "overrides": overrides(dataset, TINY_TRANSFORMER, f"train.steps={steps}", *extra),
-        "run_dir": kw.pop("run_dir", name),
-        **kw,
-    }
+    return _case(name, TRANSFORMER, TINY_TRANSFORMER, dataset, extra, steps, kw)
 
 
 def resume_cases(make, name: str, dataset: Path, *extra: str, steps: int, stop: int) -> list:

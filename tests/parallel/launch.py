@@ -15,16 +15,28 @@ from switchall.launch.local import torchrun_command
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 
-# A small SwitchAll: 2 heads (the paper's small models' head count) of 3 experts, σ-MoE of
-# 4 experts, byte vocabulary. Expert dropout on both sides: its draws are a hash of the global
-# token row and expert, so every layout must drop the same experts. No residual dropout: that
-# comes from the torch RNG, which a data-parallel layout splits differently.
-TINY = [
+# Shared by both tiny models: byte vocabulary, short sequences, a short schedule.
+_SHAPE = [
     "model.vocab_size=256",
     "model.d_model=32",
     "model.n_layers=2",
     "model.seq_len=16",
     "model.dropout=0.0",
+]
+_TRAIN = [
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=3",
+    "logging.wandb=disabled",
+]
+# A small SwitchAll: 2 heads (the paper's small models' head count) of 3 experts, σ-MoE of
+# 4 experts, byte vocabulary. Expert dropout on both sides: its draws are a hash of the global
+# token row and expert, so every layout must drop the same experts. No residual dropout: that
+# comes from the torch RNG, which a data-parallel layout splits differently.
+TINY = [
+    *_SHAPE,
     "model.attention.n_heads=2",
     "model.attention.d_head=16",
     "model.attention.n_experts=3",
@@ -34,28 +46,14 @@ TINY = [
     "model.moe.expert_size=16",
     "model.moe.k=2",
     "model.moe.expert_dropout=0.1",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.eval_batches=2",
-    "optim.lr=3e-3",
-    "optim.warmup_steps=3",
-    "logging.wandb=disabled",
+    *_TRAIN,
 ]
 TINY_TRANSFORMER = [
-    "model.vocab_size=256",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.seq_len=16",
-    "model.dropout=0.0",
+    *_SHAPE,
     "model.attention.n_heads=4",
     "model.attention.d_head=8",
     "model.mlp.d_ff=64",
-    "train.batch_size=8",
-    "train.log_every=1",
-    "train.eval_batches=2",
-    "optim.lr=3e-3",
-    "optim.warmup_steps=3",
-    "logging.wandb=disabled",
+    *_TRAIN,
 ]
 SWITCHALL = str(REPO / "configs/demo_switchall.yaml")
 TRANSFORMER = str(REPO / "configs/demo_transformer.yaml")
