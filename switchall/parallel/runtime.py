@@ -33,9 +33,9 @@ class DistributedRuntime:
     def __init__(self, cfg):
         """Join the torchrun job, validate and build the layout (collective)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        check_layout(cfg, world_size)
-        self.cfg = cfg
         device = resolve_device(cfg.train.device)
+        check_layout(cfg, world_size, device.type)
+        self.cfg = cfg
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
