@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import signal
-import time
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from switchall.pretrain.checkpoint import CheckpointError, CheckpointManager
+from tests.subproc import subprocess_env
 
 
 def test_save_load_prune(tmp_path):
@@ -37,30 +36,54 @@ def test_corruption_is_named(tmp_path):
         mgr.load(path, "w.pt")
 
 
-def _slow_saver(root: str, started) -> None:
-    mgr = CheckpointManager(root, keep=5)
-    big = {"w.pt": torch.zeros(64 * 1024 * 1024 // 4)}  # 64 MiB per file
-    started.set()
-    for step in range(2, 1000):
-        mgr.save(step, {**big, "v.pt": torch.zeros(8 * 1024 * 1024)}, {})
+# The child saves checkpoint 2 and SIGKILLs itself in the middle of its `die_at`-th file write
+# (writes: 0 w.pt, 1 v.pt, 2 files_rank0.json, 3 meta.json, the last): half the bytes are on
+# disk in the temporary file, nothing is renamed, no cleanup runs.
+KILLED_SAVE = """
+import os, signal, sys
+import torch
+from switchall.pretrain import checkpoint
+
+root, die_at = sys.argv[1], int(sys.argv[2])
+writes = []
+
+def write_and_die(path, data, *, sync_dir=True):
+    if len(writes) == die_at:
+        with open(path.with_name(path.name + ".tmp"), "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    writes.append(path.name)
+    return real_write(path, data, sync_dir=sync_dir)
+
+real_write, checkpoint.write_atomic = checkpoint.write_atomic, write_and_die
+mgr = checkpoint.CheckpointManager(root, keep=5)
+mgr.save(2, {"w.pt": torch.full((1000,), 2.0), "v.pt": torch.zeros(10)}, {"ok": False})
+"""
 
 
-@pytest.mark.timeout(60)
-def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("die_at", "partial"), [(0, "w.pt.tmp"), (3, "meta.json.tmp")])
+def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path, die_at, partial):
     root = tmp_path / "ck"
     mgr = CheckpointManager(root, keep=5)
     mgr.save(1, {"w.pt": torch.ones(4)}, {"ok": True})
-    ctx = mp.get_context("spawn")
-    started = ctx.Event()
-    proc = ctx.Process(target=_slow_saver, args=(str(root), started))
-    proc.start()
-    assert started.wait(30)
-    time.sleep(0.3)  # mid-way through writing the first big save
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join(10)
-    for _, path in mgr.complete():
-        mgr.load(path, "w.pt")  # every complete checkpoint verifies
-    assert mgr.complete()[0][0] == 1
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(root), str(die_at)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert proc.returncode == -9, proc.stderr  # killed by SIGKILL, inside the write
+    # The kill came mid-save: the temporary checkpoint holds a half-written file.
+    tmp = root / ".tmp-step_00000002"
+    assert (tmp / partial).is_file() and not (root / "step_00000002").exists()
+    assert [s for s, _ in mgr.complete()] == [1] and mgr.latest().name == "step_00000001"
+    assert torch.equal(mgr.load(mgr.latest(), "w.pt"), torch.ones(4))
+    assert mgr.read_meta(mgr.latest())["ok"] is True
     # The next save cleans up the killed run's temporary directory.
-    mgr.save(1000, {"w.pt": torch.ones(1)}, {})
+    mgr.save(3, {"w.pt": torch.ones(1)}, {})
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())
+    assert [s for s, _ in mgr.complete()] == [1, 3]
