@@ -21,6 +21,9 @@ def test_save_load_prune(tmp_path):
     assert latest.name == "step_00000030"
     assert mgr.read_meta(latest)["note"] == 30
     assert torch.equal(mgr.load(latest, "w.pt")["x"], torch.full((3,), 30.0))
+    # meta.json is what marks a checkpoint complete: without it the step is not offered.
+    (latest / "meta.json").unlink()
+    assert [s for s, _ in mgr.complete()] == [20] and mgr.latest().name == "step_00000020"
 
 
 def test_corruption_is_named(tmp_path):
@@ -36,29 +39,44 @@ def test_corruption_is_named(tmp_path):
         mgr.load(path, "w.pt")
 
 
-# The child saves checkpoint 2 and SIGKILLs itself in the middle of its `die_at`-th file write
-# (writes: 0 w.pt, 1 v.pt, 2 files_rank0.json, 3 meta.json, the last): half the bytes are on
-# disk in the temporary file, nothing is renamed, no cleanup runs.
+# The child saves checkpoint 2 and SIGKILLs itself in the middle of the real writer's
+# `die_at`-th file write (0 w.pt, 1 v.pt, 2 files_rank0.json, 3 meta.json, the last): the
+# `open` that `switchall.fileio.write_atomic` calls hands back a file whose write puts half
+# the bytes on disk, then kills the process. Nothing is renamed, no cleanup runs.
 KILLED_SAVE = """
-import os, signal, sys
+import builtins, os, signal, sys
 import torch
-from switchall.pretrain import checkpoint
+from switchall import fileio
+from switchall.pretrain.checkpoint import CheckpointManager
 
 root, die_at = sys.argv[1], int(sys.argv[2])
-writes = []
+opened = []
 
-def write_and_die(path, data, *, sync_dir=True):
-    if len(writes) == die_at:
-        with open(path.with_name(path.name + ".tmp"), "wb") as f:
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
+class HalfThenDie:
+    def __init__(self, f):
+        self.f = f
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        os.fsync(self.f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
-    writes.append(path.name)
-    return real_write(path, data, sync_dir=sync_dir)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
-real_write, checkpoint.write_atomic = checkpoint.write_atomic, write_and_die
-mgr = checkpoint.CheckpointManager(root, keep=5)
+def open_and_die(path, mode="r", *args, **kwargs):
+    f = builtins.open(path, mode, *args, **kwargs)
+    if "w" in mode:
+        opened.append(path)
+        if len(opened) == die_at + 1:
+            return HalfThenDie(f)
+    return f
+
+fileio.open = open_and_die  # the writer's own `open`, looked up in its module first
+mgr = CheckpointManager(root, keep=5)
 mgr.save(2, {"w.pt": torch.full((1000,), 2.0), "v.pt": torch.zeros(10)}, {"ok": False})
 """
 
@@ -77,9 +95,10 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path, die_at, pa
         timeout=90,
     )
     assert proc.returncode == -9, proc.stderr  # killed by SIGKILL, inside the write
-    # The kill came mid-save: the temporary checkpoint holds a half-written file.
+    # The kill came mid-save: the temporary checkpoint holds a half-written temporary file.
     tmp = root / ".tmp-step_00000002"
     assert (tmp / partial).is_file() and not (root / "step_00000002").exists()
+    assert not (tmp / partial.removesuffix(".tmp")).exists()
     assert [s for s, _ in mgr.complete()] == [1] and mgr.latest().name == "step_00000001"
     assert torch.equal(mgr.load(mgr.latest(), "w.pt"), torch.ones(4))
     assert mgr.read_meta(mgr.latest())["ok"] is True

@@ -152,25 +152,25 @@ def test_sigkilled_pretrain_resumes_with_identical_losses(dataset, tmp_path):
     last checkpoint (step 4, redoing steps 5-6) and every loss equals the uninterrupted run's."""
     extra = ["train.steps=12", "train.ckpt_every=4", "model.dropout=0.1"]
     args = ["configs/demo_switchall.yaml", *TINY, f"data.path={dataset}", *extra]
-    run, marker = tmp_path / "killed", tmp_path / "marker"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_PRETRAIN, str(marker), "6", "pretrain", *args,
-         "--run-dir", str(run)],
-        cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"),  # a tiny model: one thread is fastest
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    run, marker, log = tmp_path / "killed", tmp_path / "marker", tmp_path / "child.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED_PRETRAIN, str(marker), "6", "pretrain", *args,
+             "--run-dir", str(run)],
+            cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"),  # tiny model: 1 thread is fastest
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert marker.exists(), proc.stderr.read().decode() if proc.poll() is not None else ""
+        assert marker.exists(), log.read_text()[-3000:]
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        proc.stderr.close()
     # Killed mid-run: the checkpoint of step 4 is the latest; steps 5-6 were logged.
     assert [s for s, _ in CheckpointManager(run / "checkpoints").complete()] == [4]
     before = read_metrics(run / "metrics.jsonl")
