@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prepare-args",
         default="",
         help="inputs and options for `switchall prepare` (default: the embedded corpus), "
-        "e.g. \"corpus/ --val valid.txt --vocab-size 400\"",
+        'e.g. "corpus/ --val valid.txt --vocab-size 400"',
     )
     p.add_argument("--steps", type=int, help="train.steps of both runs")
     p.add_argument("overrides", nargs="*", help="overrides for both runs, e.g. train.steps=50")
