@@ -309,7 +309,40 @@ MUTANTS = [
         "        acc = torch.zeros(num_out_rows, width, dtype=torch.float32, device=a.device)",
         (f"{SCHEDK}::test_gated_path_never_allocates_per_slot_rows",),
     ),
+    Mutant(
+        "CT5", "switchall/kernels/cvmm_torch.py", "weight gradient misses the gate (compiled)",
+        "go_MO = (go_MO.to(acc) * g_M[:, None]).to(go_MO.dtype)", "go_MO = go_MO",
+        ("tests/kernels/test_cvmm_compile.py::test_inductor_compiles_around_the_op",),
+    ),
+    # ------------------------------------------------------------------ data preparation, kill
+    Mutant(
+        "P4", "switchall/data_pipeline/prepare.py", "prepare records no progress until the end",
+        "                save_state(out, state, writers, result.index + 1)", "                pass",
+        (f"{PREP}::test_killed_prepare_resumes",),
+    ),
     # ------------------------------------------------------------------ parallel (slow)
+    Mutant(
+        "D1", "switchall/models/lm.py", "residual and embedding dropout always off",
+        (
+            "        self.drop = nn.Dropout(cfg.dropout)\n\n    def forward(",
+            "        self.drop = nn.Dropout(cfg.dropout)\n        self.reset_parameters()",
+        ),
+        (
+            "        self.drop = nn.Dropout(0.0)\n\n    def forward(",
+            "        self.drop = nn.Dropout(0.0)\n        self.reset_parameters()",
+        ),
+        (
+            f"{LM}::test_dropout_sites_and_rate",
+            "tests/parallel/test_units.py::test_replicated_parameters_stay_identical_with_dropout",
+        ),
+    ),
+    Mutant(
+        "H1", "tests/parallel/worker.py", "(harness) rank 0 reports no gradient for mlp.w1",
+        "            if p.grad is not None\n        }",
+        '            if p.grad is not None\n            and not (runtime.rank == 0 and "mlp.w1" in '
+        "names[id(p)])\n        }",
+        (f"{PARITY}::test_expert_gradients_are_reduced_over_expert_data_parallel_group_only",),
+    ),
     Mutant(
         "Z1", "switchall/parallel/deepspeed_engine.py", "no gradient clipping at ZeRO 1-3",
         '"gradient_clipping": optim.grad_clip if stage > 0 else 0.0,',
