@@ -157,7 +157,9 @@ def test_sigkilled_pretrain_resumes_with_identical_losses(dataset, tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-c", KILLED_PRETRAIN, str(marker), "6", "pretrain", *args,
              "--run-dir", str(run)],
-            cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"),  # tiny model: 1 thread is fastest
+            # The same thread count as this process: it sets the order of float reductions,
+            # and the uninterrupted run below is computed here.
+            cwd=REPO, env=subprocess_env(OMP_NUM_THREADS=str(torch.get_num_threads())),
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
