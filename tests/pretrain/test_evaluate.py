@@ -35,7 +35,7 @@ TINY = [
     "model.moe.k=2",
     "train.batch_size=4",
     "train.log_every=2",
-    "train.eval_batches=2",
+    "train.eval_batches=1",
     "train.ckpt_every=2",
     "train.steps=4",
     "optim.lr=3e-3",
@@ -45,14 +45,14 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def byte_ds(tmp_path_factory) -> Path:
-    """Byte tokens of a few standard-library modules; keyword.py (~1k bytes, 16 validation
+    """Byte tokens of a few standard-library modules; antigravity.py (500 bytes, 7 validation
     batches of 4 x 16 tokens) is validation."""
     root = tmp_path_factory.mktemp("eval_data")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     (root / "train").mkdir()
     for name in ["textwrap.py", "heapq.py", "shlex.py"]:
         shutil.copy(stdlib / name, root / "train" / name)
-    shutil.copy(stdlib / "keyword.py", root / "val.py")
+    shutil.copy(stdlib / "antigravity.py", root / "val.py")
     out = root / "prepared"
     argv = ["prepare", str(root / "train"), "--val", str(root / "val.py"), "--out", str(out)]
     assert cli_main([*argv, "--tokenizer", "byte", "--no-progress", "--workers", "1"]) == 0
@@ -149,8 +149,7 @@ def test_evaluate_batches_and_checkpoint(run, byte_ds, capsys):
     want, _ = independent_loss(load_checkpoint_model(run, older), byte_ds, B, T, batches=None)
     assert out["step"] == 2 and out["checkpoint"] == str(older)
     assert out["val_loss"] == pytest.approx(want, rel=1e-6)
-    latest_loss, _ = independent_loss(latest, byte_ds, B, T, batches=None)
-    assert abs(latest_loss - want) > 1e-3  # the two checkpoints are really different weights
+    assert abs(out["val_loss"] - evaluate_json(capsys, str(run))["val_loss"]) > 1e-3
     with pytest.raises(SystemExit):
         cli_main(["evaluate", str(run), "--batches", "0"])
 
