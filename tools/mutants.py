@@ -107,6 +107,12 @@ MUTANTS = [
         'self.run_dir / "checkpoints", 2,',
         (f"{T}::test_short_run_lowers_validation_loss",),
     ),
+    Mutant(
+        "M7", "switchall/pretrain/trainer.py", "resume ignores the checkpoint (kill test only)",
+        "path = self.ckpt.latest()\n        if path is None:",
+        "path = None\n        if path is None:",
+        (f"{T}::test_sigkilled_pretrain_resumes_with_identical_losses",),
+    ),
     # ------------------------------------------------------------------ checkpoints
     Mutant(
         "C1", "switchall/pretrain/checkpoint.py", "load skips the sha256 check",
@@ -248,6 +254,11 @@ MUTANTS = [
         "E6", "switchall/pretrain/cli.py", "train.deterministic not applied",
         "torch.use_deterministic_algorithms(True)", "pass",
         (f"{T}::test_deterministic_reaches_the_cvmm_calls",),
+    ),
+    Mutant(
+        "A1", "switchall/analysis/accounting.py", "tables' routing term without the factor C",
+        "routing = n_sel * a.n_experts * d * t * c", "routing = n_sel * a.n_experts * d * t",
+        ("tests/test_accounting.py",),
     ),
     # ------------------------------------------------------------------ routing
     Mutant(
