@@ -20,12 +20,12 @@ demo: setup
 	$(PY) -m switchall.demo
 
 test: setup
-	$(VENV)/bin/ruff check switchall tests benchmarks
+	$(VENV)/bin/ruff check switchall tests benchmarks tools
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check switchall tests benchmarks
-	$(VENV)/bin/ruff format --check switchall tests benchmarks
+	$(VENV)/bin/ruff check switchall tests benchmarks tools
+	$(VENV)/bin/ruff format --check switchall tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) runs data

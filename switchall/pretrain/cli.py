@@ -62,8 +62,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     overrides = list(args.overrides) + ["logging.wandb=disabled"]
-    if args.batches is not None:
-        overrides.append(f"train.eval_batches={args.batches}")
     cfg = load_run_config(run_dir / "config.yaml", overrides)
     runtime = LocalRuntime(resolve_device(cfg.train.device))
     manager = CheckpointManager(run_dir / "checkpoints")
@@ -80,7 +78,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cfg.model,
         runtime.device,
         setup.amp_dtype,
-        cfg.train.eval_batches,
+        args.batches or 0,  # the whole split unless --batches (train.eval_batches is training's)
         byte_level=setup.byte_level,
     )
     step = manager.read_meta(ckpt)["step"]
@@ -89,6 +87,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"{ckpt}: step {step}  {result.describe()}  ({result.tokens:,} tokens)")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -107,6 +112,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     e.add_argument("run_dir", help="a run directory written by `switchall pretrain`")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.path=...)")
     e.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
-    e.add_argument("--batches", type=int, help="validation batches (default: train.eval_batches)")
+    e.add_argument(
+        "--batches",
+        type=_positive_int,
+        help="evaluate the first N validation batches (default: the whole validation split)",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=run_evaluate)

@@ -20,6 +20,7 @@ from switchall.config import load_run_config
 from switchall.pretrain.runtime import LocalRuntime
 from switchall.pretrain.trainer import Trainer
 from tests.parallel.launch import SWITCHALL, TINY, TINY_TRANSFORMER, TRANSFORMER, run_cases
+from tests.subproc import subprocess_env
 
 CURVE_STEPS = 20
 SPLIT_AT = 10
@@ -51,7 +52,7 @@ def dataset(tmp_path_factory) -> Path:
         "--tokenizer",
         "byte",
     ]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120, env=subprocess_env())
     return out
 
 
@@ -88,18 +89,38 @@ def resume_cases(make, name: str, dataset: Path, *extra: str, steps: int, stop: 
     ]
 
 
-def single_process(config: str, ovr: list[str], run_dir: Path, grads: dict | None = None):
-    """Train in this process; with `grads`, fill it with the first step's gradients."""
+WEIGHT_STEPS = (1, 3)  # parity cases dump their weights after these optimiser steps
+
+
+def single_process(
+    config: str,
+    ovr: list[str],
+    run_dir: Path,
+    grads: dict | None = None,
+    weights: dict | None = None,
+):
+    """Train in this process; with `grads`, fill it with the first step's gradients; with
+    `weights`, with {step: {name: parameter}} after each step of WEIGHT_STEPS."""
     cfg = load_run_config(config, ovr)
     trainer = Trainer(cfg, run_dir, LocalRuntime(torch.device("cpu")))
+    named = list(trainer.model.named_parameters())
     if grads is not None:
-        named = list(trainer.model.named_parameters())
 
         def capture(optimizer, args, kwargs):
             if not grads:
                 grads.update({n: p.grad.detach().clone() for n, p in named})
 
         trainer.engine.optimizer.register_step_pre_hook(capture)
+    if weights is not None:
+        train_step = trainer.train_step
+
+        def train_step_then_copy(batch):
+            stats = train_step(batch)
+            if trainer.step + 1 in WEIGHT_STEPS:
+                weights[trainer.step + 1] = {n: p.detach().clone() for n, p in named}
+            return stats
+
+        trainer.train_step = train_step_then_copy
     return trainer.run()["history"]
 
 
@@ -111,18 +132,26 @@ def reference(dataset, tmp_path_factory) -> dict:
     single_process(
         SWITCHALL, overrides(dataset, TINY, "train.steps=1", "optim.grad_clip=0"), root / "g", grads
     )
+    weights: dict[str, dict] = {"switchall": {}, "transformer": {}}
     return {
         "switchall": single_process(
-            SWITCHALL, overrides(dataset, TINY, f"train.steps={CURVE_STEPS}"), root / "switchall"
+            SWITCHALL,
+            overrides(dataset, TINY, f"train.steps={CURVE_STEPS}"),
+            root / "switchall",
+            weights=weights["switchall"],
         ),
         "switchall_dir": root / "switchall",
         "switchall_accum2": single_process(
             SWITCHALL, overrides(dataset, TINY, "train.steps=3", "train.grad_accum=2"), root / "a2"
         ),
         "transformer": single_process(
-            TRANSFORMER, overrides(dataset, TINY_TRANSFORMER, "train.steps=6"), root / "tr"
+            TRANSFORMER,
+            overrides(dataset, TINY_TRANSFORMER, "train.steps=6"),
+            root / "tr",
+            weights=weights["transformer"],
         ),
         "switchall_grads": grads,
+        "weights": weights,
     }
 
 
@@ -130,16 +159,17 @@ def reference(dataset, tmp_path_factory) -> dict:
 def two_ranks(dataset, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("two_ranks")
     ep2 = ("parallel.expert=2", "parallel.zero_stage=2")
+    w = {"dump_weights_at": WEIGHT_STEPS}
     cases = [
-        switchall_case("tp2", dataset, "parallel.tensor=2"),
-        switchall_case("ep2_z1", dataset, "parallel.expert=2", "parallel.zero_stage=1"),
-        switchall_case("dp2_z1", dataset, "parallel.zero_stage=1"),
-        switchall_case("dp2_z2", dataset, "parallel.zero_stage=2"),
+        switchall_case("tp2", dataset, "parallel.tensor=2", **w),
+        switchall_case("ep2_z1", dataset, "parallel.expert=2", "parallel.zero_stage=1", **w),
+        switchall_case("dp2_z1", dataset, "parallel.zero_stage=1", **w),
+        switchall_case("dp2_z2", dataset, "parallel.zero_stage=2", **w),
         *resume_cases(switchall_case, "ep2_z2", dataset, *ep2, steps=CURVE_STEPS, stop=SPLIT_AT),
         switchall_case("tp2_accum2", dataset, "parallel.tensor=2", "train.grad_accum=2"),
         switchall_case("dp2_z0_accum2", dataset, "parallel.zero_stage=0", "train.grad_accum=2"),
         switchall_case("ep2_z2_accum2", dataset, *ep2, "train.grad_accum=2"),
-        transformer_case("transformer_tp2", dataset, "parallel.tensor=2"),
+        transformer_case("transformer_tp2", dataset, "parallel.tensor=2", **w),
         transformer_case(
             "transformer_tp2_dropout",
             dataset,
@@ -153,14 +183,17 @@ def two_ranks(dataset, tmp_path_factory) -> tuple[dict, Path]:
         switchall_case("dispatch", dataset, "parallel.expert=2", kind="dispatch"),
     ]
     next(c for c in cases if c["name"] == "ep2_z2")["dump_experts"] = True
+    for name in ("ep2_z2", "transformer_z3"):
+        next(c for c in cases if c["name"] == name).update(w)
     return run_cases(2, cases, out, timeout=240), out
 
 
 @pytest.fixture(scope="session")
 def four_ranks(dataset, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("four_ranks")
+    w = {"dump_weights_at": WEIGHT_STEPS}
     cases = [
-        switchall_case("tp2_dp2_z1", dataset, "parallel.tensor=2", "parallel.zero_stage=1"),
+        switchall_case("tp2_dp2_z1", dataset, "parallel.tensor=2", "parallel.zero_stage=1", **w),
         *resume_cases(
             switchall_case,
             "tp2_ep2_dp2_z2",
@@ -171,7 +204,7 @@ def four_ranks(dataset, tmp_path_factory) -> tuple[dict, Path]:
             steps=4,
             stop=2,
         ),
-        switchall_case("ep2_dp4_z1", dataset, "parallel.expert=2", "parallel.zero_stage=1"),
+        switchall_case("ep2_dp4_z1", dataset, "parallel.expert=2", "parallel.zero_stage=1", **w),
         switchall_case(
             "ep2_dp4_z0",
             dataset,
@@ -181,9 +214,10 @@ def four_ranks(dataset, tmp_path_factory) -> tuple[dict, Path]:
             capture_grads=True,
         ),
         transformer_case(
-            "transformer_tp2_dp2_z3", dataset, "parallel.tensor=2", "parallel.zero_stage=3"
+            "transformer_tp2_dp2_z3", dataset, "parallel.tensor=2", "parallel.zero_stage=3", **w
         ),
     ]
+    next(c for c in cases if c["name"] == "tp2_ep2_dp2_z2").update(w)
     return run_cases(4, cases, out, timeout=240), out
 
 
