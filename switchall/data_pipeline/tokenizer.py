@@ -16,7 +16,13 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from switchall.data_pipeline.manifest import DataError, Manifest, fetch, read_manifest
+from switchall.data_pipeline.manifest import (
+    TOKENIZER_NAME,
+    DataError,
+    Manifest,
+    fetch,
+    read_manifest,
+)
 
 BYTE_VOCAB = 256
 BYTE_EOD = 0
@@ -78,7 +84,7 @@ class SentencePieceTokenizer:
     def info(self) -> dict[str, Any]:
         info = {
             "type": "sentencepiece",
-            "path": "tokenizer.model",
+            "path": TOKENIZER_NAME,
             "sha256": self.sha256,
             "vocab_size": self.vocab_size,
         }
