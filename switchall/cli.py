@@ -86,20 +86,38 @@ def _report_user_error(args: argparse.Namespace, e: BaseException) -> None:
     print(f"switchall {args.verb}{where}: {_kind(e)}: {e}", file=sys.stderr, flush=True)
 
 
-def _report_crash(args: argparse.Namespace) -> None:
-    """An unexpected exception in a multi-process job: its rank, host and traceback."""
+# How gloo and NCCL report that another rank went away (it failed, was killed, lost its node).
+PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote process exited",
+    "NCCL communicator was aborted",
+)
+
+
+def _report_crash(args: argparse.Namespace, e: BaseException) -> None:
+    """An unexpected exception in a multi-process job: its rank, host and traceback. A rank
+    that only lost its peers says so in one line: the rank that failed first tells why."""
     import socket
     import traceback
 
     from switchall.launch.process import RANK_LOG
 
     rank, world = _rank()
-    text = (
-        f"switchall {args.verb}: rank {rank}/{world} on {socket.gethostname()} "
-        f"(pid {os.getpid()}) failed:\n{traceback.format_exc()}"
-    )
-    RANK_LOG.write(text)
-    print(text, file=sys.stderr, end="", flush=True)
+    where = f"switchall {args.verb}: rank {rank}/{world} on {socket.gethostname()}"
+    trace = traceback.format_exc()
+    RANK_LOG.write(f"{where} (pid {os.getpid()}) failed:\n{trace}")
+    if any(marker in str(e) for marker in PEER_LOST):
+        first = str(e).strip().splitlines()[0][:200]
+        print(
+            f"{where}: lost contact with another rank, which failed or was killed (see its "
+            f"error; {first})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    print(f"{where} (pid {os.getpid()}) failed:\n{trace}", file=sys.stderr, end="", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _report_user_error(args, e)
             return EXIT_USAGE
         if _rank()[1] > 1:
-            _report_crash(args)
+            _report_crash(args, e)
             return 1
         raise
 

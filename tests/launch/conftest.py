@@ -51,3 +51,17 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def local_reference(launch_dataset, tmp_path_factory) -> list[tuple[int, float]]:
+    """Losses of the uninterrupted single-process run the local chains must reproduce."""
+    from tests.launch.helpers import finish, local_args, start, train_losses
+
+    run = tmp_path_factory.mktemp("local_ref") / "run"
+    log = run.parent / "out.txt"
+    proc = start(local_args(launch_dataset, run), log)
+    assert finish(proc, 240) == 0, log.read_text()
+    losses = train_losses(run)
+    assert [s for s, _ in losses] == list(range(1, 161))
+    return losses

@@ -72,3 +72,52 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
 
 
 PYTHON = sys.executable
+
+DRIVER = Path(__file__).with_name("driver.py")
+# The local fault-injection runs: short steps, a checkpoint every 10, every step logged.
+LOCAL_STEPS = 160
+LOCAL_CKPT_EVERY = 10
+
+
+def local_args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    """`pretrain` arguments of the local chains; `extra`: overrides and `--flags`."""
+    overrides = [x for x in extra if not x.startswith("--")]
+    flags = [x for x in extra if x.startswith("--")]
+    return [
+        "pretrain",
+        SWITCHALL,
+        *tiny(dataset, f"train.steps={LOCAL_STEPS}", f"train.ckpt_every={LOCAL_CKPT_EVERY}"),
+        *overrides,
+        "--run-dir",
+        str(run_dir),
+        *flags,
+    ]
+
+
+def start(args: list[str], log: Path, driver: bool = False, **extra_env: str):
+    """Start `switchall ARGS` (or the fault driver) in its own session, output to `log`."""
+    import subprocess
+
+    entry = [str(DRIVER)] if driver else ["-m", "switchall"]
+    out = open(log, "ab")
+    return subprocess.Popen(
+        [PYTHON, *entry, *args],
+        cwd=REPO,
+        env=env(**extra_env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def finish(proc, timeout: float) -> int:
+    """Wait for `proc`; kill its whole session and fail on timeout."""
+    import signal
+    import subprocess
+
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"{proc.args} did not end within {timeout}s") from None
