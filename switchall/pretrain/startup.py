@@ -142,7 +142,7 @@ def check_start(
     `switchall launch` passes the job's. `claim` (default: on global rank 0) creates the run
     directory, checks it is writable and takes the run lock.
     """
-    from switchall.data_pipeline import read_manifest
+    from switchall.data_pipeline import DataError, read_manifest
     from switchall.parallel.layout import check_layout
     from switchall.pretrain.runtime import resolve_device
 
@@ -153,6 +153,11 @@ def check_start(
     check_layout(cfg, world_size or world, device_type)
     check_wandb(cfg)
     manifest = read_manifest(cfg.data.path)
+    if not manifest.splits.get("val"):
+        raise DataError(
+            f"{manifest.manifest_url}: the dataset has no validation split, which training "
+            "evaluates on; prepare it again with --val INPUT (or a larger --val-fraction)"
+        )
     if manifest.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",

@@ -136,8 +136,23 @@ def test_killed_torchrun_stops_its_workers_and_a_second_trainer_is_refused(
     proc.wait()
     wait_for(lambda: all(gone(p) for p in pids), 60, "the workers to exit")
     out = log.read_text()
+    # Third-party notices (megatron's TE/Apex, DeepSpeed's accelerator and op build) are in the
+    # rank logs, not on the console.
+    for noise in ("Transformer Engine", "Setting accelerator", "built successfully"):
+        assert noise not in out and noise in (run / "logs/rank-1.log").read_text(), noise
     assert out.count("SIGTERM: stopping after this step") == 2, out
     m = re.search(r"stopped by SIGTERM after step (\d+)", out)
     assert m, out
     assert CheckpointManager(run / "checkpoints").latest().name == f"step_{int(m.group(1)):08d}"
     RunLock(run).acquire().release()  # released by the workers' clean exit
+
+
+def test_a_config_error_under_torchrun_is_printed_once_without_noise(launch_dataset, tmp_path):
+    log = tmp_path / "out.txt"
+    proc = torchrun(local_args(launch_dataset, tmp_path / "run", "parallel.expert=3"), log, nproc=2)
+    assert finish(proc, 120) != 0
+    out = log.read_text()
+    error = "switchall pretrain: configuration error: parallel.expert: 3 does not divide"
+    assert out.count(error) == 1, out
+    assert "rank 1" not in out.split("ChildFailedError")[0], out  # rank 0 alone reports it
+    assert not (tmp_path / "run").exists()
