@@ -137,5 +137,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def run() -> None:
+    """The `switchall` command (console script and `python -m switchall`).
+
+    A run stopped by a signal leaves through `os._exit` once its checkpoint is written and its
+    output flushed: under srun's --kill-on-bad-exit the first rank to exit gets the others
+    SIGTERMed, and a rank still in interpreter shutdown (where Python has put back the default
+    handlers) would die of it, turning the job's documented exit code 3 into 143.
+    """
+    from switchall.pretrain.control import EXIT_STOPPED
+
+    code = main()
+    if code == EXIT_STOPPED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

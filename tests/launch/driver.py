@@ -63,8 +63,8 @@ def _raise_at_step(step: int, rank: int, stamp: str | None) -> None:
     Trainer.train_step = train_step
 
 
-def main() -> int:
-    env = os.environ
+def install_faults(env) -> None:
+    """Install the faults the environment asks for (see the module docstring)."""
     if env.get("FAULT_KILL_AT_CKPT_EVENT") or env.get("FAULT_SLOW_STOP_SAVE_S"):
         _checkpoint_events(
             int(env.get("FAULT_KILL_AT_CKPT_EVENT") or 0) or None,
@@ -76,10 +76,10 @@ def main() -> int:
             int(env.get("FAULT_RAISE_RANK", "0")),
             env.get("FAULT_RAISE_STAMP"),
         )
-    from switchall.cli import main as cli_main
-
-    return cli_main(sys.argv[1:])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    install_faults(os.environ)
+    from switchall.cli import run
+
+    run()

@@ -94,20 +94,78 @@ def local_args(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def start(args: list[str], log: Path, driver: bool = False, **extra_env: str):
-    """Start `switchall ARGS` (or the fault driver) in its own session, output to `log`."""
-    import subprocess
+class Zygote:
+    """The fork server of `zygote.py`, started on first use (one per test session)."""
 
-    entry = [str(DRIVER)] if driver else ["-m", "switchall"]
-    out = open(log, "ab")
-    return subprocess.Popen(
-        [PYTHON, *entry, *args],
-        cwd=REPO,
-        env=env(**extra_env),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    _instance: Zygote | None = None
+
+    def __init__(self):
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [PYTHON, str(Path(__file__).with_name("zygote.py"))],
+            cwd=REPO,
+            env=env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    @classmethod
+    def get(cls) -> Zygote:
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            import atexit
+
+            cls._instance = cls()
+            atexit.register(cls._instance.close)
+        return cls._instance
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the zygote died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Child:
+    """A forked trainer, with the part of Popen's interface the tests use."""
+
+    def __init__(self, zygote: Zygote, pid: int, args: list[str]):
+        self.zygote, self.pid, self.args = zygote, pid, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.zygote.ask(op="poll", pid=self.pid)["status"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+
+def start(args: list[str], log: Path, driver: bool = False, **extra_env: str) -> Child:
+    """Start `switchall ARGS` (with the fault driver's faults from `extra_env` if `driver`)
+    as a fresh process in its own session, output appended to `log`."""
+    z = Zygote.get()
+    pid = z.ask(op="start", args=args, log=str(log), env=extra_env, driver=driver)["pid"]
+    return Child(z, pid, args)
 
 
 def finish(proc, timeout: float) -> int:

@@ -152,24 +152,26 @@ class SlurmCluster:
             self.run("scontrol", "shutdown", timeout=15, check=False)
         except (OSError, subprocess.SubprocessError):
             pass
-        self._wait(lambda: not self.processes(), 10)
+        # munged is not part of the shutdown: wait for the others, then signal what is left.
+        self._wait(lambda: not self.processes(but="munged"), 10)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in self.processes():
                 _signal(pid, sig)
             self._wait(lambda: not self.processes(), 5)
 
-    def processes(self) -> list[int]:
-        """Live processes that belong to this cluster (see `stop`)."""
+    def processes(self, but: str | None = None) -> list[int]:
+        """Live processes that belong to this cluster (see `stop`), less those named `but`."""
         marker = str(self.root).encode()
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
-                text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+                cmdline = (entry / "cmdline").read_bytes()
+                text = cmdline + (entry / "environ").read_bytes()
             except OSError:
                 continue
-            if marker in text:
+            if marker in text and not (but and but.encode() in cmdline.split(b"\0")[0]):
                 found.append(int(entry.name))
         return found
 

@@ -18,7 +18,7 @@ from tests.launch.helpers import REPO, SWITCHALL, logged_steps, tiny, train_loss
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
-STEPS = 40
+STEPS = 60
 # What the tests assert for "one rank died -> the attempt ends": srun's --kill-on-bad-exit
 # ends the other ranks; parallel.timeout_s bounds a rank stuck in a collective.
 FAILURE_BOUND_S = 30.0
@@ -56,18 +56,25 @@ def launch(cluster, dataset: Path, run_dir: Path, monkeypatch, *extra: str) -> s
     return (run_dir / "launch/submissions.txt").read_text().split()[-2]
 
 
-def wait_done(cluster, job: str, timeout: float = 400) -> str:
-    pending_since = []
+_PENDING_SINCE: dict[str, float] = {}
 
+
+def advance(cluster, job: str) -> str:
+    """The job's state; a requeued job is released at once rather than after Slurm's requeue
+    delay, but not within the second of the requeue (slurmd refuses credentials issued in the
+    second it revoked the old attempt's: "Job credential revoked")."""
+    state = cluster.job_state(job)
+    if state == "PENDING" and cluster.job_field(job, "Reason") == "BeginTime":
+        since = _PENDING_SINCE.setdefault(job, time.monotonic())
+        if time.monotonic() - since > 2.5:
+            cluster.release(job)
+            _PENDING_SINCE.pop(job)
+    return state
+
+
+def wait_done(cluster, job: str, timeout: float = 400) -> str:
     def finished():
-        state = cluster.job_state(job)
-        if state == "PENDING" and cluster.job_field(job, "Reason") == "BeginTime":
-            # Requeued: start it now rather than after Slurm's requeue delay, but not within
-            # the second of the requeue (slurmd refuses credentials issued in the second it
-            # revoked the old attempt's: "Job credential revoked").
-            pending_since.append(time.monotonic())
-            if time.monotonic() - pending_since[0] > 2.5:
-                cluster.release(job)
+        state = advance(cluster, job)
         return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
 
     try:
@@ -83,15 +90,38 @@ def job_output(run_dir: Path, job: str) -> str:
 
 @pytest.fixture(scope="module")
 def reference(slurm, launch_dataset, tmp_path_factory):
-    """An uninterrupted job: its losses are what the interrupted ones must reproduce."""
+    """An uninterrupted job: its losses are what the interrupted one must reproduce."""
     run = tmp_path_factory.mktemp("slurm_ref") / "run"
-    mp = pytest.MonkeyPatch()
-    try:
+    with pytest.MonkeyPatch.context() as mp:
         job = launch(slurm, launch_dataset, run, mp)
-        state = wait_done(slurm, job)
-    finally:
-        mp.undo()
-    return run, job, state
+    return run, job, wait_done(slurm, job)
+
+
+@pytest.fixture(scope="module")
+def interrupted(slurm, launch_dataset, tmp_path_factory):
+    """The same job, sent the warning signal in its first attempt and with rank 1 killed in
+    its second; the third finishes. Returns what the tests look at."""
+    run = tmp_path_factory.mktemp("slurm_faults") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        job = launch(slurm, launch_dataset, run, mp)
+    wait_for(lambda: logged_steps(run) >= 3, 300, "training to start")
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    stopped = wait_for(
+        lambda: re.search(r"stopped by SIGUSR1 after step (\d+)", job_output(run, job)),
+        120,
+        "the stop",
+    )
+    stopped = int(stopped.group(1))
+    second = run / "logs" / f"attempt-01-job{job}"
+    wait_for(lambda: advance(slurm, job) and (second / "rank-1.log").is_file(), 300, "a requeue")
+    wait_for(lambda: logged_steps(run) >= stopped + 4, 300, "the requeued attempt to train")
+    pid = int(re.search(r"rank 1/2 on \S+ pid (\d+)", (second / "rank-1.log").read_text())[1])
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: "failed with exit code" in job_output(run, job), 120, "the attempt to end")
+    bound = time.monotonic() - killed
+    print(f"rank 1 killed -> the attempt ended in {bound:.1f}s")
+    return run, job, stopped, bound, wait_done(slurm, job)
 
 
 def test_job_trains_to_the_end(reference):
@@ -108,41 +138,21 @@ def test_job_trains_to_the_end(reference):
     assert "Transformer Engine" not in out and "Setting accelerator" not in out
 
 
-def test_warning_signal_checkpoints_requeues_and_resumes_exactly(
-    slurm, launch_dataset, reference, tmp_path, monkeypatch
-):
-    run = tmp_path / "run"
-    job = launch(slurm, launch_dataset, run, monkeypatch)
-    wait_for(lambda: logged_steps(run) >= 3, 300, "training to start")
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    state = wait_done(slurm, job)
+def test_warning_signal_checkpoints_requeues_and_resumes(interrupted):
+    run, job, stopped, _, state = interrupted
     out = job_output(run, job)
     assert state == "COMPLETED", out
     assert "SIGUSR1: the ranks stop after this step" in out
-    m = re.search(r"stopped by SIGUSR1 after step (\d+)", out)
-    assert m and 3 <= int(m.group(1)) < STEPS, out
-    assert "requeueing (1 of at most 2 requeues)" in out
-    assert (run / "logs" / f"attempt-01-job{job}").is_dir()
-    assert f"resumed from {run}/checkpoints/step_{int(m.group(1)):08d}" in out
-    assert train_losses(run) == train_losses(reference[0])  # bitwise
+    assert 3 <= stopped < STEPS
+    assert f"checkpoint {run}/checkpoints/step_{stopped:08d}" in out
+    assert "stopped by a signal after writing a checkpoint (exit code 3): requeueing (1 of" in out
+    assert f"resumed from {run}/checkpoints/step_{stopped:08d}" in out
 
 
-def test_killed_rank_ends_the_attempt_and_the_requeue_resumes(
-    slurm, launch_dataset, reference, tmp_path, monkeypatch
-):
-    run = tmp_path / "run"
-    job = launch(slurm, launch_dataset, run, monkeypatch)
-    wait_for(lambda: logged_steps(run) >= 6, 300, "a checkpoint to be written")
-    log = run / "logs" / f"attempt-00-job{job}" / "rank-1.log"
-    pid = int(re.search(r"rank 1/2 on \S+ pid (\d+)", log.read_text()).group(1))
-    os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    wait_for(lambda: "failed with exit code" in job_output(run, job), 120, "the attempt to end")
-    bound = time.monotonic() - killed
+def test_killed_rank_ends_the_attempt_and_the_requeue_resumes_exactly(interrupted, reference):
+    run, job, _, bound, state = interrupted
     out = job_output(run, job)
     assert bound < FAILURE_BOUND_S, f"{bound:.1f}s:\n{out}"
-    print(f"rank 1 killed -> attempt ended in {bound:.1f}s")
-    assert wait_done(slurm, job) == "COMPLETED", job_output(run, job)
-    out = job_output(run, job)
-    assert "requeueing (1 of at most 2 requeues)" in out and "resumed from" in out
-    assert train_losses(run) == train_losses(reference[0])
+    assert re.search(r"attempt 1: failed with exit code \d+ .*requeueing \(2 of at most 2", out)
+    assert state == "COMPLETED" and "attempt 2: the run is finished" in out, out
+    assert train_losses(run) == train_losses(reference[0])  # bitwise, one record per step
