@@ -91,6 +91,11 @@ def test_a_finished_run_does_nothing(launch_dataset, trained, capsys):
     assert pretrain(launch_dataset, trained, *args, flags=["--auto-resume"]) == 0
     assert "is finished (checkpoint at step 4" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in meta.iterdir()} == before  # not re-saved
+    # The trainer itself (the Python API) does not evaluate or save a finished run again.
+    cfg = load_run_config(trained / "config.yaml")
+    result = Trainer(cfg, trained, LocalRuntime(torch.device("cpu")), resume=True).run()
+    assert result["already_finished"] and result["step"] == 4
+    assert {p.name: p.stat().st_mtime_ns for p in meta.iterdir()} == before
 
 
 # ------------------------------------------------------------ item 8: one line, exit code 2
