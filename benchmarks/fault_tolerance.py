@@ -82,7 +82,8 @@ def save_load(tmp: Path, repeats: int) -> dict:
     cfg = load_run_config(CONFIG, [*BASE[:2], "train.steps=1", "train.keep_checkpoints=1"])
     run = tmp / "ckpt"
     trainer = Trainer(cfg, run, LocalRuntime(torch.device("cpu")))
-    trainer.run()  # one step, so the optimiser has its state
+    trainer.train_step(next(iter(trainer.loader)))  # so that the optimiser has its state
+    trainer.step = 1
     saves, loads = [], []
     for _ in range(repeats):
         t = time.perf_counter()

@@ -60,27 +60,20 @@ def _cut_torn_tail(path: Path) -> None:
     if not path.is_file():
         return
     with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        data_tail = b""
-        pos = size
-        while pos > 0:  # scan back for the last newline, in blocks
+        end = pos = f.seek(0, os.SEEK_END)
+        keep = 0
+        while pos > 0:  # scan back, in blocks, for the last newline
             start = max(0, pos - 65536)
             f.seek(start)
-            data_tail = f.read(pos - start)
-            nl = data_tail.rfind(b"\n")
+            nl = f.read(pos - start).rfind(b"\n")
             if nl >= 0:
-                f.truncate(start + nl + 1)
+                keep = start + nl + 1
                 break
             pos = start
-        else:
-            f.truncate(0)
-        f.flush()
-        os.fsync(f.fileno())
+        if keep < end:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _kept(line: bytes, step: int) -> bool:
