@@ -45,11 +45,11 @@ def _continue_command(args: argparse.Namespace) -> str:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from switchall.launch.process import RANK_LOG, exit_with_parent, log_dir_for, under_torchrun
-    from switchall.pretrain.control import EXIT_STOPPED, StopSignals
+    from switchall.launch.process import RANK_LOG, exit_with_parent, under_torchrun
+    from switchall.pretrain.control import StopSignals
     from switchall.pretrain.startup import check_start, env_rank, print_notes
 
-    StopSignals.install()  # before the slow imports: a warning signal then is not lost
+    StopSignals.install()  # first: a warning signal during the start-up is not lost
     if under_torchrun():
         exit_with_parent()
     rank, world = env_rank()
@@ -72,6 +72,17 @@ def run_pretrain(args: argparse.Namespace) -> int:
                 f"train.steps={cfg.train.steps}): nothing to do"
             )
         return 0
+    try:
+        return _train(args, cfg, plan.resume, rank)
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()  # the trainer released it already unless it failed
+
+
+def _train(args: argparse.Namespace, cfg, resume: bool, rank: int) -> int:
+    from switchall.launch.process import RANK_LOG, log_dir_for
+    from switchall.pretrain.control import EXIT_STOPPED
+
     log_dir = log_dir_for(args.run_dir)
     if rank == 0 or os.environ.get("SWITCHALL_LOG_DIR"):
         RANK_LOG.attach(log_dir / f"rank-{rank}.log")
@@ -84,7 +95,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
             # first cuBLAS call, and a user's own setting wins.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        trainer = Trainer(cfg, args.run_dir, runtime, resume=plan.resume)
+        trainer = Trainer(cfg, args.run_dir, runtime, resume=resume)
         RANK_LOG.attach(log_dir / f"rank-{rank}.log")  # the run directory exists on every rank
         result = trainer.run()
     finally:
