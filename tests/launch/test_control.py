@@ -31,7 +31,7 @@ def test_checkpoints_by_wall_clock(launch_dataset, tmp_path, monkeypatch):
     import switchall.pretrain.control as control
 
     clock = [0.0]
-    monkeypatch.setattr(control.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(control, "_now", lambda: clock[0])
     cfg = load_run_config(
         SWITCHALL,
         tiny(

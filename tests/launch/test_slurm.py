@@ -138,6 +138,16 @@ def test_job_trains_to_the_end(reference):
     assert "Transformer Engine" not in out and "Setting accelerator" not in out
 
 
+def test_a_finished_run_resubmitted_does_nothing(slurm, reference):
+    run, _, _ = reference
+    before = (run / "metrics.jsonl").read_bytes()
+    job = slurm.run("sbatch", "--parsable", str(run / "launch/job.sbatch")).strip()
+    assert wait_done(slurm, job) == "COMPLETED"
+    out = job_output(run, job)
+    assert f"is finished (checkpoint at step {STEPS}" in out and "the run is finished" in out
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
 def test_warning_signal_checkpoints_requeues_and_resumes(interrupted):
     run, job, stopped, _, state = interrupted
     out = job_output(run, job)
