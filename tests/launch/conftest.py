@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sysconfig
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ def slurm(tmp_path_factory):
     """A running two-node cluster (n1, n2), stopped at the end of the session whatever happens."""
     reason = missing_reason()
     if reason:
+        warnings.warn(reason, stacklevel=1)  # listed in every run's summary, not only with -rs
         pytest.skip(reason)
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
