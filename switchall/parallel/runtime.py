@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -45,10 +46,16 @@ class DistributedRuntime:
         # job) keeps it; otherwise this runtime owns the process group and tears it down.
         self._owns_process_group = not dist.is_initialized()
         if self._owns_process_group:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                backend,
+                device_id=device if device.type == "cuda" else None,
+                timeout=timedelta(seconds=cfg.parallel.timeout_s),
+            )
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend)  # wraps the group initialised above
+        deepspeed.init_distributed(  # wraps the group initialised above
+            dist_backend=backend, timeout=timedelta(seconds=cfg.parallel.timeout_s)
+        )
         self.layout = init_layout(cfg.parallel)
         self.rank = self.layout.rank
         self.dp_rank, self.dp_size = self.layout.dp_rank, self.layout.dp_size

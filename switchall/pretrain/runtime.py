@@ -91,6 +91,23 @@ class LocalRuntime:
 
 
 def resolve_device(spec: str) -> torch.device:
+    """`train.device`: auto (CUDA when present), cpu, cuda, cuda:N; ConfigError if unusable."""
+    from switchall.configtools import ConfigError
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            "train.device", f"{spec!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                "train.device", f"{spec!r}, but this machine has no usable CUDA device"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError("train.device", f"{spec!r}, but this machine has {count} GPU(s)")
+    return device

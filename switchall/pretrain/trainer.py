@@ -23,6 +23,7 @@ from switchall.config import RunConfig
 from switchall.models import NoiseContext, build_model
 from switchall.models.routing import derive_seed
 from switchall.pretrain.checkpoint import CheckpointManager
+from switchall.pretrain.control import RunControl
 from switchall.pretrain.evaluate import EvalResult, autocast_for, validate
 from switchall.pretrain.metrics import MetricsLogger, format_duration
 from switchall.pretrain.runtime import Runtime
@@ -57,6 +58,7 @@ class Trainer:
             run_config=self.setup.config_dict,
         )
         self.history: list[dict[str, Any]] = []
+        self.resumed = resume
         if resume:
             self._resume()
 
@@ -150,11 +152,33 @@ class Trainer:
 
         `stop_after`: return early, with a checkpoint, once this many steps have been taken
         in this call, as a job that runs out of its time slot does; `--resume` continues.
+        A stop signal and `train.ckpt_every_minutes` act through `RunControl` (see `control`).
+        A run resumed at its last step returns at once: nothing is evaluated or saved again.
         """
+        self.metrics.rewind(self.step)  # records past the resumed step are written again
+        if self.resumed and self.step >= self.cfg.train.steps and self.ckpt.latest():
+            self.close()
+            return {"step": self.step, "already_finished": True, "history": self.history}
+        control = RunControl(self.device, self.cfg.train.ckpt_every_minutes)
+        try:
+            return self._run(control, stop_after)
+        finally:
+            control.close()
+            self.close()
+
+    def close(self) -> None:
+        """Flush the metrics and release the run directory (the end of a run)."""
+        self.metrics.close()
+        self.setup.release()
+
+    def _checkpoint(self, control: RunControl) -> None:
+        control.saved(self.step, self.save())
+
+    def _run(self, control: RunControl, stop_after: int | None) -> dict[str, Any]:
         t = self.cfg.train
         total = t.steps
         tokens_per_step = t.batch_size * self.cfg.model.seq_len
-        if self.step == 0 or t.eval_every:
+        if self.step == 0:  # a resumed run validated this step before its checkpoint
             self.evaluate()
         data_iter = iter(self.loader)
         window_start, window_steps = time.perf_counter(), 0
@@ -186,20 +210,24 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_every and self.step % t.eval_every == 0 and self.step < total:
                 self.evaluate()
-            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < total:
-                self.save()
-            if (
-                stop_after is not None
-                and self.step - start_step >= stop_after
-                and self.step < total
-            ):
-                if not (t.ckpt_every and self.step % t.ckpt_every == 0):
-                    self.save()
-                self.metrics.close()
-                return {"step": self.step, "stopped": True, "history": self.history}
+            if self.step == total:
+                break  # the final validation and checkpoint follow
+            if t.ckpt_every and self.step % t.ckpt_every == 0:
+                self._checkpoint(control)
+            save, stop = control.after_step()  # agreed by all ranks
+            stop = stop or (stop_after is not None and self.step - start_step >= stop_after)
+            if (save or stop) and control.saved_step != self.step:
+                self._checkpoint(control)
+            if stop:
+                return {
+                    "step": self.step,
+                    "stopped": True,
+                    "signal": control.stop_signal,
+                    "checkpoint": str(control.saved_path),
+                    "history": self.history,
+                }
         final = self.evaluate()
-        self.save()
-        self.metrics.close()
+        self._checkpoint(control)
         return {
             "step": self.step,
             "val_loss": final.loss,
