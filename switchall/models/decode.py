@@ -155,6 +155,8 @@ class DecodeState:
     def extend(self, tokens_BN: torch.Tensor) -> torch.Tensor:
         """Append tokens to every sequence; returns their logits [B, N, V]."""
         pieces, i, total = [], 0, tokens_BN.shape[1]
+        if total == 0:
+            raise ValueError("extend needs at least one token")
         while i < total:
             if self.pos % self.chunk == 0:
                 self._move_window()
