@@ -127,6 +127,8 @@ class PretrainedReader:
 
     def _check_file(self, fname: str, entry, verify: bool) -> None:
         p = self.path / fname
+        if Path(fname).name != fname:  # only files of the export itself, never a path out of it
+            raise PretrainedError(f"{self.path / CONFIG_NAME}: weight file name {fname!r}")
         if not p.is_file():
             raise PretrainedError(f"{p}: missing weight file (listed in {CONFIG_NAME})")
         if not isinstance(entry, dict) or p.stat().st_size != entry.get("bytes"):
