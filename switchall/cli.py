@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from switchall.data_pipeline import cli as data_cli
     from switchall.launch import cli as launch_cli
     from switchall.pretrain import cli as pretrain_cli
+    from switchall.pretrain import generate_cli
 
     parser = argparse.ArgumentParser(prog="switchall", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"switchall {version()}")
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_cli.register(verbs)
     launch_cli.register(verbs)
     count_cli.register(verbs)
+    generate_cli.register(verbs)
     return parser
 
 
