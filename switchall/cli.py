@@ -13,12 +13,14 @@ def build_parser() -> argparse.ArgumentParser:
     from switchall.analysis import count_cli
     from switchall.data_pipeline import cli as data_cli
     from switchall.pretrain import cli as pretrain_cli
+    from switchall.sweep import cli as sweep_cli
 
     parser = argparse.ArgumentParser(prog="switchall", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     data_cli.register(verbs)
     pretrain_cli.register(verbs)
     count_cli.register(verbs)
+    sweep_cli.register(verbs)
     return parser
 
 

@@ -19,7 +19,12 @@ from torch import nn
 from switchall.kernels import CVMMSelection, cvmm, cvmm_prepare
 from switchall.models.attention import attend, heads_first
 from switchall.models.config import ModelConfig
-from switchall.models.init import dense_std, normal_, renorm_rows_keep_std_
+from switchall.models.init import (
+    dense_std,
+    normal_,
+    renorm_rows_by_row_std_,
+    renorm_rows_keep_std_,
+)
 from switchall.models.positional import Rotary, sinusoid_LD, xl_position_bias
 from switchall.models.routing import (
     NoiseContext,
@@ -92,9 +97,12 @@ class SwitchHeadAttention(nn.Module):
         normal_(o, dense_std(s, self.total_heads * self.d_head))
         if self.xl:
             normal_(self.pos.weight, std_in)
+        renorm = (
+            renorm_rows_by_row_std_ if self.cfg.routing_init == "row_std" else renorm_rows_keep_std_
+        )
         for name in ("sel_src", "sel_dst"):
             if hasattr(self, name):
-                renorm_rows_keep_std_(normal_(getattr(self, name), std_in))
+                renorm(normal_(getattr(self, name), std_in))
 
     def _route(self, x_BSD: torch.Tensor, w_FD: torch.Tensor, side: int, noise) -> Route:
         b, s, _ = x_BSD.shape
