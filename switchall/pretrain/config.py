@@ -86,5 +86,7 @@ class LoggingConfig:
 
     def validate(self, prefix: str = "") -> None:
         check(
-            self.peak_flops is None or self.peak_flops > 0, join(prefix, "peak_flops"), "must be > 0"
+            self.peak_flops is None or self.peak_flops > 0,
+            join(prefix, "peak_flops"),
+            "must be > 0",
         )
