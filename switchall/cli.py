@@ -10,7 +10,7 @@ from switchall.configtools import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from switchall.analysis import count_cli, scaling_cli
+    from switchall.analysis import analyze_cli, count_cli, scaling_cli
     from switchall.data_pipeline import cli as data_cli
     from switchall.pretrain import cli as pretrain_cli
     from switchall.sweep import cli as sweep_cli
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     count_cli.register(verbs)
     sweep_cli.register(verbs)
     scaling_cli.register(verbs)
+    analyze_cli.register(verbs)
     return parser
 
 

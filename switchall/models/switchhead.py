@@ -85,9 +85,10 @@ class SwitchHeadAttention(nn.Module):
             self.rotary = Rotary(dh, a.rope_fraction, a.rope_base)
         # q and k each carry Dh^-1/4 so that q.k carries the full 1/sqrt(Dh).
         self.qk_scale = dh**-0.25
-        # Expert-load statistics (switchall.pretrain.run_metrics): called per routing side
-        # ("v" source, "o" destination) with global expert ids head * E + e and their count
-        # (all heads of the layer); None (the default) records nothing.
+        # Routing statistics (switchall.pretrain.run_metrics, switchall.analysis.analyze):
+        # called per routing side ("v" source, "o" destination) with global expert ids
+        # head * E + e [rows = (token, head), K] and their count (all heads of the layer), in
+        # training and in evaluation (the recorder decides); None records nothing.
         self.load_recorder: Callable[[str, torch.Tensor, int], None] | None = None
         self.reset_parameters()
 
@@ -130,7 +131,7 @@ class SwitchHeadAttention(nn.Module):
         gates_XK, idx_XK = sigmoid_topk(logits_XE, self.top_k, drop_XE)
         head_X1 = torch.arange(h, device=x_BSD.device).repeat(b * s)[:, None]
         expert_XK = idx_XK + head_X1 * e
-        if self.load_recorder is not None and self.training:
+        if self.load_recorder is not None:
             self.load_recorder(
                 "v" if side == _SRC else "o",
                 expert_XK + self.head_offset * e,

@@ -90,13 +90,15 @@ class ExpertLoad:
                 if side != "mlp":
                     self.tp_keys.add(key)
                 offset += heads * experts
-            module.load_recorder = self._recorder(layer)
+            module.load_recorder = self._recorder(layer, module)
         self.size = offset
         self.per_step: dict[int, torch.Tensor] = {}
 
-    def _recorder(self, layer: int):
+    def _recorder(self, layer: int, module: nn.Module):
         @torch.compiler.disable
         def record(side: str, expert_ids: torch.Tensor, n: int) -> None:
+            if not module.training:  # validation batches are not training load
+                return
             key = f"mlp{layer}" if side == "mlp" else f"attn{layer}.{side}"
             offset, heads, experts = self.slots[key]
             step = self.step_of()

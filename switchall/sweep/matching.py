@@ -188,10 +188,11 @@ def match_model(
 
 
 def _joint(tree, key, then, target, multiple, check, tolerance) -> dict[str, Any]:
-    """Around the solved `key`, each value with `then` solved for it: the pair nearest the
-    solved `key` that is within `tolerance` (so `then` moves as little as possible), else the
-    closest pair."""
-    best, centre = None, int(_get(tree, key))
+    """Around the solved `key`, each value with `then` solved for it. Of the pairs within
+    `tolerance`, the one whose `then` moved least from its value before (SwitchAll: the head
+    width that matches the attention alone); with none within it, the closest pair."""
+    centre, then0 = int(_get(tree, key)), int(_get(tree, then))
+    within, best = [], None
     for v in (centre + i * multiple for i in (0, -1, 1, -2, 2, -3, 3)):
         if v < max(1, multiple):
             continue
@@ -205,9 +206,11 @@ def _joint(tree, key, then, target, multiple, check, tolerance) -> dict[str, Any
             continue
         err = abs(non_embedding_params(cand) - target)
         if err <= tolerance * target:
-            return cand
+            within.append((abs(int(_get(cand, then)) - then0), err, len(within), cand))
         if best is None or err < best[0]:
             best = (err, cand)
+    if within:
+        return min(within)[-1]
     if best is None:
         raise MatchError(f"no valid ({key}, {then}) pair matches {target:,} parameters")
     return best[1]

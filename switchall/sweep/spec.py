@@ -13,6 +13,7 @@ variants:                             # the key names the variant; `variant` is 
     model: {attention: {n_heads: 2, n_experts: 4, k: 2}, moe: {expert_size: 32, k: 4}}
     overrides: [optim.grad_clip=0.25]
     by_size: {l: {model: {attention: {n_heads: 4}}}}   # or {config: FILE}: fixed, not solved
+                                      # (the variant's `model` is not applied to fixed points)
 axes: {size: [s, l], variant: [transformer, switchall], tokens: [1e6, 2e6], lr: [1e-3], seed: [0]}
 points: [{size: s, variant: switchall, tokens: 4e6, overrides: [...]}]   # explicit points
 ```
@@ -249,7 +250,8 @@ def _build_point(path, base, sweep_overrides, sizes, variants, combo, many, inde
         apply_overrides(tree, sweep_overrides, path, "overrides")
     model = tree.setdefault("model", {})
     model["variant"] = v.get("variant", vname)
-    deep_merge(model, _as_map(v.get("model"), path, f"variants.{vname}.model"))
+    if not fixed:  # a fixed point is its config as written (plus the sweep's overrides)
+        deep_merge(model, _as_map(v.get("model"), path, f"variants.{vname}.model"))
     deep_merge(model, _as_map(by_size.get("model"), path, f"variants.{vname}.by_size.{size}"))
     apply_overrides(
         tree,
