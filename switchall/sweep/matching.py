@@ -19,6 +19,7 @@ dense heads / n_heads (the paper's rule 1).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -48,13 +49,50 @@ def model_from_tree(tree: dict[str, Any]) -> ModelConfig:
 _COUNTS: dict[str, int] = {}
 
 
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without running their initialisers: a count needs only the shapes, and
+    initialisers on the meta device cost more than everything else a plan does."""
+    from torch import nn
+
+    from switchall.models.attention import DenseAttention
+    from switchall.models.lm import LanguageModel
+    from switchall.models.mlp import DenseMLP
+    from switchall.models.sigma_moe import SigmaMoE
+    from switchall.models.switchhead import SwitchHeadAttention
+
+    classes = (
+        LanguageModel,
+        DenseAttention,
+        SwitchHeadAttention,
+        SigmaMoE,
+        DenseMLP,
+        nn.Linear,
+        nn.LayerNorm,
+        nn.Embedding,
+    )
+    saved = {c: c.__dict__.get("reset_parameters") for c in classes}
+    for c in classes:
+        c.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for c, fn in saved.items():
+            if fn is None:
+                del c.reset_parameters
+            else:
+                c.reset_parameters = fn
+
+
 def non_embedding_params(tree: dict[str, Any]) -> int:
     """Of the real model built on the meta device (memoised: a plan counts many variants)."""
     from switchall.analysis.count_cli import count_params
 
     key = json.dumps(tree, sort_keys=True)
     if key not in _COUNTS:
-        _COUNTS[key] = count_params(model_from_tree(tree))[1]
+        cfg = model_from_tree(tree)
+        with skip_init():
+            _COUNTS[key] = count_params(cfg)[1]
     return _COUNTS[key]
 
 
@@ -73,49 +111,56 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _count_or_none(tree: dict[str, Any], extra_check) -> int | None:
+def _valid(tree: dict[str, Any], extra_check) -> str | None:
+    """None if `tree` validates (and passes `extra_check`), else the reason."""
     try:
         if extra_check is not None:
             extra_check(tree)
-        return non_embedding_params(tree)
-    except (ConfigError, MatchError):
-        return None
+        model_from_tree(tree)
+    except (ConfigError, MatchError) as e:
+        return str(e)
+    return None
 
 
 def solve_key(
     tree: dict[str, Any], key: str, target: int, multiple: int = 1, extra_check=None
 ) -> dict[str, Any]:
     """`tree` with integer `key` set so that the non-embedding parameters are closest to
-    `target` (a multiple of `multiple`, and a config that validates)."""
+    `target` (a multiple of `multiple`, and a config that validates).
+
+    The count is affine in `key`: two real counts give the line; candidates around the
+    solution are validated (cheap) and predicted from it; the pick is counted for real.
+    """
     start = int(_get(tree, key))
     probe = copy.deepcopy(tree)
     counts: dict[int, int] = {}
+    reason = None
     for v in (start + i * multiple for i in (0, 1, 2, -1, 3)):
         if v < max(1, multiple):
             continue
         _set(probe, key, v)
-        n = _count_or_none(probe, None)  # some values do not validate (odd RoPE channels)
-        if n is not None:
-            counts[v] = n
+        reason = _valid(probe, None)  # some values do not validate (odd RoPE channels)
+        if reason is None:
+            counts[v] = non_embedding_params(probe)
         if len(counts) == 2:
             break
     if len(counts) < 2:
-        raise MatchError(f"no valid {key} near {start} to solve from")
+        raise MatchError(f"no valid {key} near {start} to solve from ({reason})")
     (v0, n0), (v1, n1) = sorted(counts.items())
     slope = (n1 - n0) / (v1 - v0)
-    start = v0
-    counts = {v0: n0}
     if slope <= 0:
         raise MatchError(f"{key} does not change the parameter count; it cannot be solved for")
-    exact = start + (target - counts[start]) / slope
+    exact = v0 + (target - n0) / slope
     centre = int(round(exact / multiple)) * multiple
     best = None
     for v in sorted({centre + i * multiple for i in range(-3, 4)}):
         if v < max(1, multiple):
             continue
         _set(probe, key, v)
-        n = _count_or_none(probe, extra_check)
-        if n is not None and (best is None or abs(n - target) < abs(best[1] - target)):
+        if _valid(probe, extra_check) is not None:
+            continue
+        n = n0 + slope * (v - v0)
+        if best is None or abs(n - target) < abs(best[1] - target):
             best = (v, n)
     if best is None:
         raise MatchError(f"no valid {key} near {exact:.1f} matches {target:,} parameters")
@@ -204,7 +249,7 @@ def _joint(tree, key, then, target, multiple, check, tolerance) -> dict[str, Any
             cand = solve_key(cand, then, target)
         except (ConfigError, MatchError):
             continue
-        err = abs(non_embedding_params(cand) - target)
+        err = abs(non_embedding_params(cand) - target)  # real count of each pair
         if err <= tolerance * target:
             within.append((abs(int(_get(cand, then)) - then0), err, len(within), cand))
         if best is None or err < best[0]:

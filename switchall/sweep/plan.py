@@ -9,7 +9,7 @@ from typing import Any
 
 from switchall.config import RunConfig, build_run_config
 from switchall.configtools import ConfigError, to_dict
-from switchall.sweep.matching import MatchError, match_model, non_embedding_params
+from switchall.sweep.matching import MatchError, match_model, non_embedding_params, skip_init
 from switchall.sweep.spec import PointSpec, SweepSpec, load_sweep
 
 
@@ -50,7 +50,8 @@ def count_point(cfg: RunConfig) -> dict[str, Any]:
     from switchall.analysis.accounting import account
     from switchall.analysis.count_cli import count_params
 
-    total, body = count_params(cfg.model)
+    with skip_init():
+        total, body = count_params(cfg.model)
     micro = max(cfg.train.batch_size // cfg.train.grad_accum, 1)
     acc = account(cfg.model, total, sequences_per_forward=micro)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.model.seq_len
