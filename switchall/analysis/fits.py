@@ -203,8 +203,10 @@ def compute_for_loss(law: Law, loss) -> np.ndarray:
     """The compute at which a compute law reaches `loss` (inf where loss <= E)."""
     p, loss = law.params, np.asarray(loss, float)
     gap = loss - p["E"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = law.scale["x0"] * (p["A"] / gap) ** (1.0 / p["alpha"])
+    if p["alpha"] <= 0:  # a flat law (a bootstrap resample may fit one) reaches nothing new
+        return np.full(gap.shape, np.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        x = law.scale["x0"] * (p["A"] / gap) ** (1.0 / np.float64(p["alpha"]))
     return np.where(gap > 0, x, np.inf)
 
 
