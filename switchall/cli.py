@@ -35,11 +35,12 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from switchall.analysis import count_cli
+    from switchall.analysis import analyze_cli, count_cli, scaling_cli
     from switchall.data_pipeline import cli as data_cli
     from switchall.launch import cli as launch_cli
     from switchall.pretrain import cli as pretrain_cli
     from switchall.pretrain import generate_cli
+    from switchall.sweep import cli as sweep_cli
 
     parser = argparse.ArgumentParser(prog="switchall", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"switchall {version()}")
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch_cli.register(verbs)
     count_cli.register(verbs)
     generate_cli.register(verbs)
+    sweep_cli.register(verbs)
+    scaling_cli.register(verbs)
+    analyze_cli.register(verbs)
     return parser
 
 

@@ -104,6 +104,13 @@ class ModelConfig:
     dropout: float = 0.1
     init_scale: float | None = None
     """Scale of all attention and σ-MoE inits; None means sqrt(2 / n_layers) (spec §2.2)."""
+    routing_init: Literal["equal_norm", "row_std"] = "equal_norm"
+    """SwitchHead routing rows after their normal init. row_std: the authors' renorm (each row
+    rescaled by its own std, so rows keep their random norms up to one global factor; the paper
+    configs). equal_norm: every row the same L2 norm, global std kept (as σ-MoE's selection)."""
+    output_init: Literal["normal", "torch_default"] = "normal"
+    """The vocabulary projection. torch_default: nn.Linear's own init, weight and bias (the
+    authors'; the paper configs). normal: weight N(0, 1/d_model), bias zero."""
     attention: AttentionConfig
     mlp: MLPConfig = field(default_factory=MLPConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

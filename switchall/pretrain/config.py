@@ -83,3 +83,15 @@ class LoggingConfig:
     project: str = "switchall"
     name: str | None = None
     console: bool = True
+    peak_flops: float | None = None
+    """Per-device peak FLOP/s for the MFU metric; None: the table of common GPUs
+    (`switchall.pretrain.run_metrics.PEAK_FLOPS`), no MFU on the CPU or an unknown device."""
+    expert_load: bool = True
+    """Log per-layer expert load (entropy, overload factor, idle experts) of routed layers."""
+
+    def validate(self, prefix: str = "") -> None:
+        check(
+            self.peak_flops is None or self.peak_flops > 0,
+            join(prefix, "peak_flops"),
+            "must be > 0",
+        )

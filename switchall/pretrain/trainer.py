@@ -26,6 +26,7 @@ from switchall.pretrain.checkpoint import CheckpointManager
 from switchall.pretrain.control import RunControl
 from switchall.pretrain.evaluate import EvalResult, autocast_for, validate
 from switchall.pretrain.metrics import MetricsLogger, format_duration
+from switchall.pretrain.run_metrics import RunMetrics
 from switchall.pretrain.runtime import Runtime
 from switchall.pretrain.schedule import lr_at
 from switchall.pretrain.setup import RunSetup
@@ -40,6 +41,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         model = build_model(cfg.model).to(self.device)
+        self.run_metrics = RunMetrics(cfg, model, runtime, step_of=lambda: self.step)
         self.model = runtime.parallelize(model)
         self.engine = runtime.build_engine(
             self.model, cfg.optim, cfg.train.steps, fp16=self.amp_dtype == torch.float16
@@ -198,13 +200,14 @@ class Trainer:
                     "tokens_per_s": tokens_per_step / step_time,
                     "step_time": step_time,
                 }
+                record.update(self.run_metrics.at_log(self.step, record["tokens_per_s"]))
                 self.history.append(record)
                 self.metrics.log(
                     record,
                     console=(
                         f"step {self.step:>6}/{total} | loss {stats['loss']:.4f} | "
                         f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
-                        f"ETA {format_duration(eta)}"
+                        f"ETA {format_duration(eta)}" + RunMetrics.describe(record)
                     ),
                 )
                 window_start, window_steps = time.perf_counter(), 0
