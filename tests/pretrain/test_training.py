@@ -129,3 +129,48 @@ def test_bad_inputs_name_the_culprit(dataset, tmp_path):
     other = config(dataset, "configs/demo_switchall.yaml", "train.steps=4", "model.d_model=48")
     with pytest.raises(ConfigError, match="differs from the model of checkpoint"):
         train(other, tmp_path / "b", resume=True)
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_a_finished_run_does_not_resave(
+    dataset, tmp_path, capsys
+):
+    """The newest checkpoint is corrupt: resume falls back to the one before, loudly, and still
+    ends bitwise where the uninterrupted run ends. Resuming the finished run writes nothing."""
+    cfg = config(
+        dataset,
+        "configs/demo_switchall.yaml",
+        "train.steps=6",
+        "train.ckpt_every=2",
+        "train.keep_checkpoints=3",
+    )
+    train(cfg, tmp_path / "full")
+    split = tmp_path / "split"
+    train(cfg, split, stop_after=4)  # checkpoints at steps 2 and 4
+    data = split / "checkpoints" / "step_00000004" / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    capsys.readouterr()
+    train(cfg, split, resume=True)
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step_00000004" in err and "checksum mismatch" in err
+    events = [r for r in read_metrics(split / "metrics.jsonl") if "event" in r]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [2]
+    full = latest_per_step(read_metrics(tmp_path / "full" / "metrics.jsonl"), "loss")
+    assert latest_per_step(read_metrics(split / "metrics.jsonl"), "loss") == full
+    final = split / "checkpoints" / "step_00000006" / "meta.json"
+    before = final.stat().st_mtime_ns
+    train(cfg, split, resume=True)
+    assert final.stat().st_mtime_ns == before
+
+
+def test_consolidated_checkpoint_is_the_model_state(dataset, tmp_path):
+    from switchall.checkpoint.consolidate import consolidate
+
+    cfg = config(dataset, "configs/demo_switchall.yaml", "train.steps=2")
+    trainer = Trainer(cfg, tmp_path / "run", LocalRuntime(torch.device("cpu")))
+    trainer.run()
+    weights = consolidate(tmp_path / "run" / "checkpoints" / "step_00000002")
+    state = trainer.model.state_dict()
+    assert weights.keys() == state.keys()
+    assert all(torch.equal(weights[k], state[k]) for k in state)

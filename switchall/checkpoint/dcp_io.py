@@ -1,0 +1,233 @@
+"""torch.distributed.checkpoint (DCP) with JSON metadata and nothing unpickled.
+
+DCP plans which rank writes which chunk of every tensor (duplicates of replicated chunks are
+written once, by the least loaded holder), checks that the saved chunks of each tensor tile it
+exactly (no overlap, no gap), and on load reads into each rank's boxes whatever saved chunks
+overlap them. Tensor data is stored by `torch.save` per chunk and read back with
+`torch.load(weights_only=True)`.
+
+What is changed here, and why:
+- DCP's own `.metadata` file is a pickle, read back with `pickle.load`; a checkpoint must never
+  run code when loaded. `JsonFileSystemWriter` writes the same metadata as JSON
+  (`dcp_metadata.json`) and `JsonFileSystemReader` reads only that.
+- DCP stores non-tensor values with `torch.save` and loads them with `weights_only=False`;
+  these planners accept tensors only (non-tensor state goes into JSON files beside the DCP
+  data), and look up `GlobalTensor` boxes, which DCP's default lookup does not understand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from switchall.checkpoint.boxes import GlobalTensor
+from switchall.checkpoint.errors import CheckpointError
+from switchall.fileio import write_atomic
+
+METADATA_FILE = "dcp_metadata.json"
+METADATA_FORMAT = "switchall.dcp_metadata"
+DATA_SUFFIX = ".distcp"
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64,
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise CheckpointError(f"cannot checkpoint tensors of dtype {dtype}")
+    return name
+
+
+def encode_metadata(metadata: Metadata, storage: dict[MetadataIndex, _StorageInfo]) -> bytes:
+    tensors: dict[str, Any] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata):
+            raise CheckpointError(f"{fqn}: only tensors go into the DCP data (got {type(md)})")
+        tensors[fqn] = {
+            "dtype": _dtype_name(md.properties.dtype),
+            "size": list(md.size),
+            "chunks": [[list(c.offsets), list(c.sizes)] for c in md.chunks],
+        }
+    items = [
+        [idx.fqn, list(idx.offset or ()), info.relative_path, info.offset, info.length]
+        + ([list(info.transform_descriptors)] if info.transform_descriptors else [])
+        for idx, info in storage.items()
+    ]
+    doc = {"format": METADATA_FORMAT, "version": 1, "tensors": tensors, "storage": items}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode_metadata(data: bytes, source: Path) -> Metadata:
+    try:
+        doc = json.loads(data)
+        if doc.get("format") != METADATA_FORMAT:
+            raise ValueError(f"format is {doc.get('format')!r}, expected {METADATA_FORMAT!r}")
+        tensors = {
+            fqn: TensorStorageMetadata(
+                properties=TensorProperties(dtype=_DTYPES[t["dtype"]]),
+                size=torch.Size(t["size"]),
+                chunks=[
+                    ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s))
+                    for o, s in t["chunks"]
+                ],
+            )
+            for fqn, t in doc["tensors"].items()
+        }
+        storage = {}
+        for fqn, offset, path, start, length, *rest in doc["storage"]:
+            if "/" in path or "\\" in path or path.startswith("."):
+                raise ValueError(f"data file name {path!r} is not a plain file name")
+            storage[MetadataIndex(fqn, offset)] = _StorageInfo(
+                path, int(start), int(length), rest[0] if rest else None
+            )
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{source}: unreadable DCP metadata: {type(e).__name__}: {e}"
+        ) from None
+    return Metadata(state_dict_metadata=tensors, storage_data=storage)
+
+
+def read_metadata(directory: Path) -> Metadata:
+    path = Path(directory) / METADATA_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: missing DCP metadata: {e.strerror}") from None
+    return decode_metadata(data, path)
+
+
+class JsonFileSystemWriter(FileSystemWriter):
+    """DCP's file writer (one data file per rank, fsynced) with JSON metadata."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+
+    def finish(self, metadata: Metadata, results) -> None:
+        storage = {wr.index: wr.storage_data for wrs in results for wr in wrs}
+        write_atomic(Path(self.path) / METADATA_FILE, encode_metadata(metadata, storage))
+
+
+class JsonFileSystemReader(FileSystemReader):
+    bytes_read = 0
+    """Bytes of saved chunks this rank's load plan reads (what resharding costs it)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        return read_metadata(Path(self.path))
+
+    def read_data(self, plan, planner):
+        self.bytes_read += sum(self.storage_data[item.storage_index].length for item in plan.items)
+        return super().read_data(plan, planner)
+
+
+class BoxSavePlanner(DefaultSavePlanner):
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        obj = self.state_dict[index.fqn]
+        if isinstance(obj, GlobalTensor):
+            return obj.__get_tensor_shard__(index)
+        return super().lookup_object(index)
+
+
+class BoxLoadPlanner(DefaultLoadPlanner):
+    def __init__(self):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        # DefaultLoadPlanner's set-up walks the state dict to materialise meta tensors and
+        # replaces every value it does not know (a GlobalTensor) with None: skip it.
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata, self.is_coordinator = metadata, is_coordinator
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        obj = self.state_dict[index.fqn]
+        if isinstance(obj, GlobalTensor):
+            return obj.__get_tensor_shard__(index)
+        return super().lookup_tensor(index)
+
+    def load_bytes(self, read_item, value) -> None:
+        raise CheckpointError(f"{read_item.dest_index.fqn}: refusing to unpickle a non-tensor item")
+
+
+def _reraise(e: CheckpointException, what: str, directory: Path):
+    """One line naming the rank, the directory and the first underlying error."""
+    rank, (exc, _trace) = next(iter(sorted(e.failures.items())))
+    if isinstance(exc, CheckpointError):
+        raise CheckpointError(f"{what} {directory} failed on rank {rank}: {exc}") from None
+    detail = f"{type(exc).__name__}: {exc}"
+    raise CheckpointError(f"{what} {directory} failed on rank {rank}: {detail}") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that a one-process save 'assumes the intent' of one process: it is ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save(entries: dict[str, GlobalTensor], directory: Path, process_group=None, no_dist=False):
+    """Write this rank's boxes of `entries` into `directory` (collective unless `no_dist`)."""
+    try:
+        with _quiet():
+            dcp_save(
+                entries,
+                storage_writer=JsonFileSystemWriter(directory),
+                planner=BoxSavePlanner(),
+                process_group=process_group,
+                no_dist=no_dist,
+            )
+    except CheckpointException as e:
+        _reraise(e, "saving", directory)
+
+
+def load(
+    entries: dict[str, GlobalTensor], directory: Path, process_group=None, no_dist=False
+) -> int:
+    """Fill this rank's boxes of `entries` from `directory` (collective unless `no_dist`);
+    returns the bytes of saved chunks this rank read."""
+    reader = JsonFileSystemReader(directory)
+    try:
+        with _quiet():
+            dcp_load(
+                entries,
+                storage_reader=reader,
+                planner=BoxLoadPlanner(),
+                process_group=process_group,
+                no_dist=no_dist,
+            )
+    except CheckpointException as e:
+        _reraise(e, "loading", directory)
+    return reader.bytes_read
