@@ -11,6 +11,7 @@ from switchall.configtools import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     from switchall.analysis import count_cli
+    from switchall.checkpoint import cli as checkpoint_cli
     from switchall.data_pipeline import cli as data_cli
     from switchall.pretrain import cli as pretrain_cli
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(verbs)
     pretrain_cli.register(verbs)
     count_cli.register(verbs)
+    checkpoint_cli.register(verbs)
     return parser
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from switchall.checkpoint import training_state
+from switchall.checkpoint.init_from import load_init_from
 from switchall.config import RunConfig
 from switchall.models import NoiseContext, build_model
 from switchall.models.routing import derive_seed
@@ -62,6 +63,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if resume:
             self._resume()
+        if cfg.model.init_from and self._saved_step is None:  # a new run, not a resumed one
+            self.metrics.log(load_init_from(self), console=f"weights from {cfg.model.init_from}")
 
     # ----------------------------------------------------------------- checkpoints
     def save(self) -> Path:

@@ -7,6 +7,7 @@ DeepSpeed's comm backend), so each job runs many cases and several tests read it
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from switchall.cli import main as cli_main
 from switchall.config import load_run_config
 from switchall.pretrain.runtime import LocalRuntime
 from switchall.pretrain.trainer import Trainer
@@ -23,6 +25,8 @@ from tests.parallel.launch import SWITCHALL, TINY, TINY_TRANSFORMER, TRANSFORMER
 
 CURVE_STEPS = 20
 SPLIT_AT = 10
+# Export directories (`switchall export`, `model.init_from`) need the export writer and reader.
+HAVE_EXPORTS = importlib.util.find_spec("switchall.models.pretrained") is not None
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +118,7 @@ def reference(dataset, tmp_path_factory) -> dict:
         SWITCHALL, overrides(dataset, TINY, "train.steps=1", "optim.grad_clip=0"), root / "g", grads
     )
     curve = overrides(dataset, TINY, f"train.steps={CURVE_STEPS}")
-    return {
+    refs = {
         "switchall": single_process(SWITCHALL, curve, root / "switchall"),
         "switchall_dir": root / "switchall",
         # Stopped at SPLIT_AT with a checkpoint: the one-process source of the resharding tests.
@@ -128,6 +132,13 @@ def reference(dataset, tmp_path_factory) -> dict:
         ),
         "switchall_grads": grads,
     }
+    if HAVE_EXPORTS:  # the 20-step model exported, and a new run started from it
+        export = root / "export"
+        assert cli_main(["export", str(refs["switchall_dir"]), "--out", str(export)]) == 0
+        init = overrides(dataset, TINY, "train.steps=3", f"model.init_from={export}")
+        refs["export_dir"] = export
+        refs["init_from"] = single_process(SWITCHALL, init, root / "init")
+    return refs
 
 
 def reshard_case(name: str, dataset: Path, source, stop: int, *layout: str) -> dict:
@@ -216,6 +227,9 @@ def two_ranks(dataset, reference, tmp_path_factory) -> tuple[dict, Path]:
             for name, src, stop, layout in RESHARD_TWO
         ),
     ]
+    if HAVE_EXPORTS:
+        init = f"model.init_from={reference['export_dir']}"
+        cases.append(switchall_case("init_from_ep2", dataset, *ep2, init, dump_state=True))
     next(c for c in cases if c["name"] == "ep2_z2")["dump_experts"] = True
     next(c for c in cases if c["name"] == "ep2_z2_stop")["dump_state"] = True
     return run_cases(2, cases, out, timeout=400), out

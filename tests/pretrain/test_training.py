@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sysconfig
@@ -174,3 +175,111 @@ def test_consolidated_checkpoint_is_the_model_state(dataset, tmp_path):
     state = trainer.model.state_dict()
     assert weights.keys() == state.keys()
     assert all(torch.equal(weights[k], state[k]) for k in state)
+
+
+def _write_old_format(trainer: Trainer, ckpt: Path) -> None:
+    """A checkpoint as switchall wrote it before the layout-free format (one process: the
+    model's state_dict and the train state pickled per rank, sha256 listing, meta.json)."""
+    import hashlib
+    import io
+    import random
+
+    state = {
+        "step": trainer.step,
+        "engine": {"optimizer": trainer.engine.optimizer.state_dict()},
+        "memory": trainer.memory,
+        "loader": trainer.loader.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": [], "python": random.getstate()},
+    }
+    ckpt.mkdir(parents=True)
+    hashes = {}
+    for name, obj in {
+        "model_rank0.pt": trainer.model.state_dict(),
+        "train_state_rank0.pt": state,
+    }.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        (ckpt / name).write_bytes(buf.getvalue())
+        hashes[name] = hashlib.sha256(buf.getvalue()).hexdigest()
+    (ckpt / "files_rank0.json").write_text(json.dumps(hashes))
+    meta = {
+        "step": trainer.step,
+        "model": trainer.setup.config_dict["model"],
+        "dp_size": 1,
+        "tokenizer_sha256": trainer.setup.tokenizer_sha256,
+        "layout": "single",
+    }
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_old_format_is_refused_then_converted_once_and_resumes_exactly(dataset, tmp_path, capsys):
+    from switchall.checkpoint.errors import CheckpointError
+
+    cfg = config(dataset, "configs/demo_switchall.yaml", "train.steps=6", "model.dropout=0.1")
+    train(cfg, tmp_path / "full")
+    trainer = Trainer(cfg, tmp_path / "split", LocalRuntime(torch.device("cpu")))
+    trainer.run(stop_after=3)
+    old = tmp_path / "old"
+    _write_old_format(trainer, old / "checkpoints" / "step_00000003")
+    shutil.copy(tmp_path / "split" / "config.yaml", old / "config.yaml")
+    with pytest.raises(CheckpointError, match="old per-rank format.*switchall checkpoint convert"):
+        train(cfg, old, resume=True)
+    ckpt = old / "checkpoints" / "step_00000003"
+    assert cli_main(["checkpoint", "convert", str(ckpt)]) == 0
+    assert (old / "checkpoints" / "step_00000003.old-format" / "model_rank0.pt").is_file()
+    with pytest.raises(CheckpointError, match="not a checkpoint of the old per-rank format"):
+        cli_main(["checkpoint", "convert", str(ckpt)])
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "info", str(old)]) == 0
+    info = capsys.readouterr().out
+    assert "step        3" in info and "saved with  single" in info and "verified    yes" in info
+    train(cfg, old, resume=True)
+    full = latest_per_step(read_metrics(tmp_path / "full" / "metrics.jsonl"), "loss")
+    resumed = latest_per_step(read_metrics(old / "metrics.jsonl"), "loss")
+    assert resumed == {s: v for s, v in full.items() if s > 3}
+
+
+def test_checkpoint_info_and_evaluate_name_a_corrupt_file(dataset, tmp_path, capsys):
+    from switchall.checkpoint.errors import CheckpointError
+
+    cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=2")
+    train(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    data = ckpt / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "info", str(ckpt)]) == 1
+    assert "__0_0.distcp: checksum mismatch" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: checksum mismatch"):
+        cli_main(["evaluate", str(tmp_path / "run")])
+    data.unlink()
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: missing checkpoint file"):
+        cli_main(["evaluate", str(tmp_path / "run"), "--checkpoint", str(ckpt)])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("switchall.models.pretrained") is None,
+    reason="switchall.models.pretrained (the export writer) is not installed",
+)
+def test_init_from_starts_from_the_export_and_checks_it(dataset, tmp_path):
+    cfg = config(dataset, "configs/demo_switchall.yaml", "train.steps=2")
+    train(cfg, tmp_path / "run")
+    export = tmp_path / "export"
+    assert cli_main(["export", str(tmp_path / "run"), "--out", str(export)]) == 0
+    start = config(dataset, "configs/demo_switchall.yaml", f"model.init_from={export}")
+    trainer = Trainer(start, tmp_path / "new", LocalRuntime(torch.device("cpu")))
+    from switchall.models.pretrained import load_pretrained_state
+
+    weights, _ = load_pretrained_state(export)
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.step == 0 and not trainer.engine.has_optimizer_state()
+    other = config(
+        dataset, "configs/demo_switchall.yaml", "model.n_layers=3", f"model.init_from={export}"
+    )
+    with pytest.raises(ConfigError, match="model.init_from.*n_layers: export 2, run 3"):
+        Trainer(other, tmp_path / "other", LocalRuntime(torch.device("cpu")))
+    missing = config(dataset, "configs/demo_switchall.yaml", f"model.init_from={tmp_path / 'nope'}")
+    with pytest.raises(ConfigError, match="no such export directory"):
+        Trainer(missing, tmp_path / "missing", LocalRuntime(torch.device("cpu")))
