@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import queue
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.filesystem import SerializationFormat, _StorageInfo, _write_item
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -37,6 +39,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from torch.distributed.checkpoint.planner import WriteItemType
+from torch.futures import Future
 
 from switchall.checkpoint.boxes import GlobalTensor
 from switchall.checkpoint.errors import CheckpointError
@@ -128,10 +132,46 @@ def read_metadata(directory: Path) -> Metadata:
 
 
 class JsonFileSystemWriter(FileSystemWriter):
-    """DCP's file writer (one data file per rank, fsynced) with JSON metadata."""
+    """DCP's file writer (one data file per rank, fsynced) with JSON metadata, streaming.
+
+    DCP's own write loop copies every view into a tensor of its own (torch.save of a view
+    would store its whole base) and keeps all of them until the file is closed, so a rank's
+    memory grows by everything it writes. Here each chunk is copied, written and dropped in
+    turn: the extra memory of a save is one chunk.
+    """
 
     def __init__(self, path: str | Path):
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+
+    def _write_data(self, planner, file_queue: queue.Queue) -> Future:
+        results = []
+        while not file_queue.empty():
+            path, storage_key, items = file_queue.get_nowait()
+            with open(path, "wb") as stream:
+                for item in items:
+                    if item.type == WriteItemType.BYTE_IO:
+                        raise CheckpointError(f"{item.index.fqn}: only tensors are checkpointed")
+                    tensor = planner.resolve_data(item).detach()
+                    if tensor.device.type != "cpu":
+                        tensor = tensor.cpu()
+                    elif tensor.untyped_storage().nbytes() != tensor.nbytes:
+                        tensor = tensor.clone()  # a view: store its own elements only
+                    results.append(
+                        _write_item(
+                            self.transforms,
+                            stream,
+                            tensor,
+                            item,
+                            storage_key,
+                            SerializationFormat.TORCH_SAVE,
+                        )
+                    )
+                    del tensor
+                stream.flush()
+                os.fsync(stream.fileno())
+        done: Future = Future()
+        done.set_result(results)
+        return done
 
     def finish(self, metadata: Metadata, results) -> None:
         storage = {wr.index: wr.storage_data for wrs in results for wr in wrs}

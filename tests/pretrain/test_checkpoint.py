@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import multiprocessing as mp
 import os
+import pickle
 import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from switchall.pretrain import checkpoint as ckpt_mod
 from switchall.pretrain.checkpoint import CheckpointError, CheckpointManager
@@ -192,3 +195,65 @@ def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     assert mgr.complete()[0][0] == 1
     mgr.start()  # the next run cleans up the killed run's temporary directory
     assert not any(p.name.startswith((".tmp-", ".trash-")) for p in root.iterdir())
+
+
+# ----------------------------------------------------------------------------- DCP pieces
+def test_flat_ranges_become_few_contiguous_boxes():
+    """Every flat range of small row-major tensors: the boxes tile it in order, at most
+    2 * ndim - 1 of them (what ZeRO partitions of a parameter turn into)."""
+    from switchall.checkpoint.boxes import flat_range_boxes
+
+    for shape in [(5,), (3, 4), (2, 3, 4), (4, 1, 3)]:
+        n = math.prod(shape)
+        x = torch.arange(n).view(shape)
+        for a in range(n + 1):
+            for b in range(a, n + 1):
+                boxes = flat_range_boxes(shape, a, b - a)
+                assert len(boxes) <= 2 * len(shape) - 1, (shape, a, b, boxes)
+                pieces = [
+                    x[tuple(slice(o, o + s) for o, s in zip(off, size, strict=True))]
+                    for off, size in boxes
+                ]
+                got = torch.cat([p.flatten() for p in pieces]) if pieces else torch.empty(0)
+                assert torch.equal(got, torch.arange(a, b)), (shape, a, b, boxes)
+
+
+def test_dcp_reshards_between_flat_partitions_and_row_blocks(tmp_path):
+    """Saved as three flat partitions of each tensor (ZeRO-like), loaded as row blocks (TP-like)."""
+    from switchall.checkpoint import dcp_io
+    from switchall.checkpoint.boxes import GlobalTensor
+
+    full = torch.randn(6, 7, dtype=torch.float64)
+    flat = full.flatten().clone()
+    saved = GlobalTensor((6, 7), flat.dtype)
+    param = torch.empty(6, 7)
+    for start, stop in ((0, 10), (10, 31), (31, 42)):
+        for box in GlobalTensor.of_flat_range(param, start, flat[start:stop], (6, 7)).boxes:
+            saved.add(box.offsets, box.tensor)
+    dcp_io.save({"w": saved}, tmp_path, no_dist=True)
+    dest = torch.zeros(6, 7, dtype=torch.float64)
+    rows = GlobalTensor((6, 7), dest.dtype)
+    rows.add((0, 0), dest[:4])
+    rows.add((4, 0), dest[4:])
+    dcp_io.load({"w": rows}, tmp_path, no_dist=True)
+    assert torch.equal(dest, full)
+
+
+def test_loading_never_unpickles(tmp_path):
+    """DCP's pickled `.metadata` is neither written nor read: a hostile one runs nothing."""
+    from switchall.checkpoint import dcp_io
+    from switchall.checkpoint.boxes import GlobalTensor
+
+    t = torch.arange(6.0)
+    dcp_io.save({"w": GlobalTensor.of_shard(t)}, tmp_path, no_dist=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["__0_0.distcp", "dcp_metadata.json"]
+    marker = tmp_path / "pwned"
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Hostile()))
+    dest = torch.zeros(6)
+    dcp_io.load({"w": GlobalTensor.of_shard(dest)}, tmp_path, no_dist=True)
+    assert torch.equal(dest, t) and not marker.exists()
