@@ -31,9 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"switchall {args.verb}: configuration error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # data errors name the file, shard or field at fault
+    except Exception as e:  # data and checkpoint errors name the file, shard or field at fault
+        from switchall.checkpoint.errors import CheckpointError
         from switchall.data_pipeline import DataError
 
+        if isinstance(e, CheckpointError):
+            print(f"switchall {args.verb}: checkpoint error: {e}", file=sys.stderr)
+            return 2
         if not isinstance(e, DataError):
             raise
         print(f"switchall {args.verb}: data error: {e}", file=sys.stderr)
