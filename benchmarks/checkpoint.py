@@ -188,26 +188,34 @@ def run_model(name: str, data: Path, work: Path, threads: int) -> list[tuple]:
 
 
 def table(rows: list[tuple]) -> str:
+    """One line per launch and operation; per-rank figures are the largest over the ranks."""
     mib = 2**20
-    lines = [
-        "| model | ranks | layout | rank | own state MiB | operation | s | MiB written/read "
-        "| peak RSS above start MiB |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|",
-    ]
+    ops: dict[tuple, list] = {}
     for name, nproc, r in rows:
-        own = r["own_bytes"] / mib
-        head = f"| {name} | {nproc} | {r['layout']} | {r['rank']} | {own:,.0f}"
-        if "save_s" in r:
-            lines.append(
-                f"{head} | save | {r['save_s']:.1f} | {r['written'] / mib:,.0f} "
-                f"| {r['save_extra'] / mib:,.0f} |"
-            )
         for label, v in r.items():
-            if isinstance(v, dict) and "read" in v:
-                lines.append(
-                    f"{head} | {label} | {v['s']:.1f} | {v['read'] / mib:,.0f} "
-                    f"| {v['extra'] / mib:,.0f} |"
-                )
+            if label == "save_s":
+                v = {"s": r["save_s"], "bytes": r["written"], "extra": r["save_extra"]}
+                label = "save"
+            elif not (isinstance(v, dict) and "read" in v):
+                continue
+            else:
+                v = {"s": v["s"], "bytes": v["read"], "extra": v["extra"]}
+            key = (name, nproc, r["layout"], label)
+            ops.setdefault(key, []).append((r["own_bytes"], v))
+    lines = [
+        "| model | ranks | layout | operation | s | MiB written / read per rank | own state "
+        "MiB per rank | peak RSS above start, MiB per rank |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for (name, nproc, layout, label), per_rank in ops.items():
+        own = max(o for o, _ in per_rank) / mib
+        s_max = max(v["s"] for _, v in per_rank)
+        moved = max(v["bytes"] for _, v in per_rank) / mib
+        extra = max(v["extra"] for _, v in per_rank) / mib
+        lines.append(
+            f"| {name} | {nproc} | {layout} | {label} | {s_max:.1f} | {moved:,.0f} | {own:,.0f} "
+            f"| {extra:,.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -217,6 +225,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--work", help="scratch directory (default: a temporary one)")
+    p.add_argument("--json", help="also write every rank's figures to this file")
     args = p.parse_args()
     if args.worker:
         worker(args.worker)
@@ -227,6 +236,8 @@ def main() -> None:
     for name in args.models:
         rows += run_model(name, data, work, args.threads)
         print(table(rows), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 

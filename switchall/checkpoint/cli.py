@@ -139,8 +139,14 @@ def run_convert(args: argparse.Namespace) -> int:
 def _tokenizer_file(cfg: dict[str, Any], meta: dict[str, Any], tmp: Path) -> Path | None:
     """The run's sentencepiece model as a file (None for byte tokens), from its dataset and
     checked against the checkpoint's tokenizer hash."""
-    from switchall.data_pipeline.tokenizer import SentencePieceTokenizer, load_tokenizer
+    from switchall.data_pipeline.tokenizer import (
+        BYTE_SHA256,
+        SentencePieceTokenizer,
+        load_tokenizer,
+    )
 
+    if meta.get("tokenizer_sha256") == BYTE_SHA256:
+        return None  # byte tokens: nothing to ship, the dataset need not be at hand
     data_path = cfg.get("data", {}).get("path")
     tok = load_tokenizer(data_path)
     if tok.info().get("sha256") != meta.get("tokenizer_sha256"):

@@ -21,7 +21,9 @@ def mark_shard(p: torch.Tensor, dim: int, start: int, full: int) -> None:
 
 
 def global_name(name: str) -> str:
-    """The single-device name: `attn.parametrizations.scale.original` -> `attn.scale`."""
+    """The single-device name: `attn.parametrizations.scale.original` -> `attn.scale`; the
+    `_orig_mod.` of a `torch.compile`d module is dropped too."""
+    name = name.replace("_orig_mod.", "")
     if _PARAMETRIZED in name and name.endswith(".original"):
         head, tail = name.split(_PARAMETRIZED, 1)
         return f"{head}.{tail[: -len('.original')]}"

@@ -78,8 +78,9 @@ def _zero3_range(zero, p: nn.Parameter) -> tuple[int, int, int, int]:
     """(sub-group, offset in its flat partition, first flat element held, elements held)."""
     group, offset, _padded = zero.grad_position[zero.get_param_id(p)]
     part = p.partition_numel()
-    start = zero._get_param_partition_rank(p) * part
-    return group, offset, start, max(0, min(part, p.ds_numel - start))
+    # A parameter smaller than the group leaves the last ranks padding only (start >= numel).
+    start = min(zero._get_param_partition_rank(p) * part, p.ds_numel)
+    return group, offset, start, min(part, p.ds_numel - start)
 
 
 def zero3_entries(

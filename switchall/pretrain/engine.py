@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from switchall.checkpoint.entries import has_state, per_parameter_entries
+from switchall.parallel.sharded_state import global_name
 from switchall.pretrain.config import OptimConfig
 from switchall.pretrain.schedule import lr_at
 
@@ -90,7 +91,7 @@ class LocalEngine:
         return has_state(self.optimizer)
 
     def checkpoint_entries(self, *, optimizer: bool = True, for_load: bool = False) -> dict:
-        named = list(self.model.named_parameters())
+        named = [(global_name(n), p) for n, p in self.model.named_parameters()]
         return per_parameter_entries(named, self.optimizer if optimizer else None)
 
     def after_checkpoint_load(self, optimizer: bool = True) -> None:

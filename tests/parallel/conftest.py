@@ -176,6 +176,8 @@ RESHARD_FOUR = [
     ("ep1_to_ep4", "single", SPLIT_AT, ("parallel.expert=4", "parallel.zero_stage=1")),
     ("ep2_to_ep4", "ep2_z2_split", SPLIT_AT, ("parallel.expert=4", "parallel.zero_stage=2")),
     ("tp2_ep2_to_dp4", "tp2_ep2_dp2_z2_split", 2, ("parallel.zero_stage=1",)),
+    # ZeRO-3 over 4 ranks: XL's 1-element `scale` leaves ranks 1-3 nothing but padding.
+    ("z3_dp2_to_dp4", "transformer_z3_split", 3, ("parallel.zero_stage=3",)),
 ]
 
 
@@ -241,6 +243,7 @@ def four_ranks(dataset, reference, two_ranks, tmp_path_factory) -> tuple[dict, P
     sources = {
         "single": reference["switchall_stop_dir"],
         "ep2_z2_split": two_ranks[1] / "ep2_z2_split",
+        "transformer_z3_split": two_ranks[1] / "transformer_z3_split",
     }
     cases = [
         switchall_case("tp2_dp2_z1", dataset, "parallel.tensor=2", "parallel.zero_stage=1"),
