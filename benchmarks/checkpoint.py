@@ -2,6 +2,7 @@
 
     python benchmarks/checkpoint.py                   # 259M SwitchAll and 262M Transformer, CPU
     python benchmarks/checkpoint.py --models transformer --threads 1
+    python benchmarks/checkpoint.py --device cuda        # one GPU per rank (NCCL)
 
 For each model, three launches (1, 2 and 4 ranks; one thread per process, gloo, fp32) each
 build the real `Trainer` under their layout, give it AdamW state (zeros of the right shapes:
@@ -119,9 +120,9 @@ def worker(spec_path: str) -> None:
 
         runtime = DistributedRuntime(cfg)
     else:
-        from switchall.pretrain.runtime import LocalRuntime
+        from switchall.pretrain.runtime import LocalRuntime, resolve_device
 
-        runtime = LocalRuntime(torch.device("cpu"))
+        runtime = LocalRuntime(resolve_device(cfg.train.device))
     barrier = runtime.barrier
     trainer = Trainer(cfg, spec["run_dir"], runtime)
     entries = trainer.engine.checkpoint_entries(optimizer=True, for_load=True)  # AdamW state
@@ -155,8 +156,9 @@ def launch(nproc: int, spec: dict, work: Path) -> list[dict]:
     return json.loads(Path(spec["out"]).read_text())
 
 
-def run_model(name: str, data: Path, work: Path, threads: int) -> list[tuple]:
+def run_model(name: str, data: Path, work: Path, threads: int, device: str) -> list[tuple]:
     config, layouts = MODELS[name]
+    common = [*COMMON, f"train.device={device}", f"data.path={data}"]
     rows, previous = [], None
     for nproc, layout in zip((1, 2, 4), layouts, strict=True):
         loads = {"load (same layout)": None}
@@ -164,7 +166,7 @@ def run_model(name: str, data: Path, work: Path, threads: int) -> list[tuple]:
             loads[f"load ({previous[0]} ranks -> {nproc})"] = previous[1]
         spec = {
             "config": config,
-            "overrides": [*COMMON, f"data.path={data}", *layout],
+            "overrides": [*common, *layout],
             "run_dir": str(work / f"{name}-{nproc}"),
             "save": True,
             "loads": loads,
@@ -177,7 +179,7 @@ def run_model(name: str, data: Path, work: Path, threads: int) -> list[tuple]:
         previous = (nproc, results[0]["checkpoint"])
     spec = {
         "config": config,
-        "overrides": [*COMMON, f"data.path={data}"],
+        "overrides": common,
         "run_dir": str(work / f"{name}-1b"),
         "loads": {"load (4 ranks -> 1)": previous[1]},
         "threads": threads,
@@ -224,6 +226,7 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--device", default="cpu", help="train.device of every rank (cpu or cuda)")
     p.add_argument("--work", help="scratch directory (default: a temporary one)")
     p.add_argument("--json", help="also write every rank's figures to this file")
     args = p.parse_args()
@@ -234,7 +237,7 @@ def main() -> None:
     data = prepare_data(work / "data")
     rows = []
     for name in args.models:
-        rows += run_model(name, data, work, args.threads)
+        rows += run_model(name, data, work, args.threads, args.device)
         print(table(rows), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
