@@ -137,29 +137,24 @@ def test_resume_skips_a_corrupt_checkpoint_and_a_finished_run_does_not_resave(
 ):
     """The newest checkpoint is corrupt: resume falls back to the one before, loudly, and still
     ends bitwise where the uninterrupted run ends. Resuming the finished run writes nothing."""
-    cfg = config(
-        dataset,
-        "configs/demo_switchall.yaml",
-        "train.steps=6",
-        "train.ckpt_every=2",
-        "train.keep_checkpoints=3",
-    )
-    train(cfg, tmp_path / "full")
+    base = ("configs/demo_transformer.yaml", "train.steps=4", "train.keep_checkpoints=3")
+    train(config(dataset, *base), tmp_path / "full")
+    cfg = config(dataset, *base, "train.ckpt_every=1")
     split = tmp_path / "split"
-    train(cfg, split, stop_after=4)  # checkpoints at steps 2 and 4
-    data = split / "checkpoints" / "step_00000004" / "__0_0.distcp"
+    train(cfg, split, stop_after=2)  # checkpoints at steps 1 and 2
+    data = split / "checkpoints" / "step_00000002" / "__0_0.distcp"
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
     capsys.readouterr()
     train(cfg, split, resume=True)
     err = capsys.readouterr().err
-    assert "skipping checkpoint" in err and "step_00000004" in err and "checksum mismatch" in err
+    assert "skipping checkpoint" in err and "step_00000002" in err and "checksum mismatch" in err
     events = [r for r in read_metrics(split / "metrics.jsonl") if "event" in r]
-    assert [e["step"] for e in events if e["event"] == "resume"] == [2]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [1]
     full = latest_per_step(read_metrics(tmp_path / "full" / "metrics.jsonl"), "loss")
     assert latest_per_step(read_metrics(split / "metrics.jsonl"), "loss") == full
-    final = split / "checkpoints" / "step_00000006" / "meta.json"
+    final = split / "checkpoints" / "step_00000004" / "meta.json"
     before = final.stat().st_mtime_ns
     train(cfg, split, resume=True)
     assert final.stat().st_mtime_ns == before
@@ -215,28 +210,28 @@ def _write_old_format(trainer: Trainer, ckpt: Path) -> None:
 def test_old_format_is_refused_then_converted_once_and_resumes_exactly(dataset, tmp_path, capsys):
     from switchall.checkpoint.errors import CheckpointError
 
-    cfg = config(dataset, "configs/demo_switchall.yaml", "train.steps=6", "model.dropout=0.1")
+    cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=4", "model.dropout=0.1")
     train(cfg, tmp_path / "full")
     trainer = Trainer(cfg, tmp_path / "split", LocalRuntime(torch.device("cpu")))
-    trainer.run(stop_after=3)
+    trainer.run(stop_after=2)
     old = tmp_path / "old"
-    _write_old_format(trainer, old / "checkpoints" / "step_00000003")
+    _write_old_format(trainer, old / "checkpoints" / "step_00000002")
     shutil.copy(tmp_path / "split" / "config.yaml", old / "config.yaml")
     with pytest.raises(CheckpointError, match="old per-rank format.*switchall checkpoint convert"):
         train(cfg, old, resume=True)
-    ckpt = old / "checkpoints" / "step_00000003"
+    ckpt = old / "checkpoints" / "step_00000002"
     assert cli_main(["checkpoint", "convert", str(ckpt)]) == 0
-    assert (old / "checkpoints" / "step_00000003.old-format" / "model_rank0.pt").is_file()
+    assert (old / "checkpoints" / "step_00000002.old-format" / "model_rank0.pt").is_file()
     capsys.readouterr()
     assert cli_main(["checkpoint", "convert", str(ckpt)]) == 2
     assert "not a checkpoint of the old per-rank format" in capsys.readouterr().err
     assert cli_main(["checkpoint", "info", str(old)]) == 0
     info = capsys.readouterr().out
-    assert "step        3" in info and "saved with  single" in info and "verified    yes" in info
+    assert "step        2" in info and "saved with  single" in info and "verified    yes" in info
     train(cfg, old, resume=True)
     full = latest_per_step(read_metrics(tmp_path / "full" / "metrics.jsonl"), "loss")
     resumed = latest_per_step(read_metrics(old / "metrics.jsonl"), "loss")
-    assert resumed == {s: v for s, v in full.items() if s > 3}
+    assert resumed == {s: v for s, v in full.items() if s > 2}
 
 
 def test_checkpoint_info_and_evaluate_name_a_corrupt_file(dataset, tmp_path, capsys):
@@ -265,11 +260,11 @@ def test_checkpoint_info_and_evaluate_name_a_corrupt_file(dataset, tmp_path, cap
     reason="switchall.models.pretrained (the export writer) is not installed",
 )
 def test_init_from_starts_from_the_export_and_checks_it(dataset, tmp_path):
-    cfg = config(dataset, "configs/demo_switchall.yaml", "train.steps=2")
+    cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=2")
     train(cfg, tmp_path / "run")
     export = tmp_path / "export"
     assert cli_main(["export", str(tmp_path / "run"), "--out", str(export)]) == 0
-    start = config(dataset, "configs/demo_switchall.yaml", f"model.init_from={export}")
+    start = config(dataset, "configs/demo_transformer.yaml", f"model.init_from={export}")
     trainer = Trainer(start, tmp_path / "new", LocalRuntime(torch.device("cpu")))
     from switchall.models.pretrained import load_pretrained_state
 
@@ -277,10 +272,12 @@ def test_init_from_starts_from_the_export_and_checks_it(dataset, tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
     assert trainer.step == 0 and not trainer.engine.has_optimizer_state()
     other = config(
-        dataset, "configs/demo_switchall.yaml", "model.n_layers=3", f"model.init_from={export}"
+        dataset, "configs/demo_transformer.yaml", "model.n_layers=3", f"model.init_from={export}"
     )
     with pytest.raises(ConfigError, match="model.init_from.*n_layers: export 2, run 3"):
         Trainer(other, tmp_path / "other", LocalRuntime(torch.device("cpu")))
-    missing = config(dataset, "configs/demo_switchall.yaml", f"model.init_from={tmp_path / 'nope'}")
+    missing = config(
+        dataset, "configs/demo_transformer.yaml", f"model.init_from={tmp_path / 'nope'}"
+    )
     with pytest.raises(ConfigError, match="no such export directory"):
         Trainer(missing, tmp_path / "missing", LocalRuntime(torch.device("cpu")))
