@@ -18,6 +18,7 @@ What is changed here, and why:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
@@ -32,7 +33,7 @@ from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import SerializationFormat, _StorageInfo, _write_item
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.checkpoint.utils import _create_file_view
 from torch.futures import Future
 
@@ -149,28 +151,14 @@ class JsonFileSystemWriter(FileSystemWriter):
         results = []
         while not file_queue.empty():
             path, storage_key, items = file_queue.get_nowait()
-            with open(path, "wb") as stream:
-                for item in items:
-                    if item.type == WriteItemType.BYTE_IO:
-                        raise CheckpointError(f"{item.index.fqn}: only tensors are checkpointed")
-                    tensor = planner.resolve_data(item).detach()
-                    if tensor.device.type != "cpu":
-                        tensor = tensor.cpu()
-                    elif tensor.untyped_storage().nbytes() != tensor.nbytes:
-                        tensor = tensor.clone()  # a view: store its own elements only
-                    results.append(
-                        _write_item(
-                            self.transforms,
-                            stream,
-                            tensor,
-                            item,
-                            storage_key,
-                            SerializationFormat.TORCH_SAVE,
-                        )
-                    )
-                    del tensor
-                stream.flush()
-                os.fsync(stream.fileno())
+            try:
+                with open(path, "wb") as stream:
+                    for item in items:
+                        results.append(_write_chunk(stream, planner, item, storage_key))
+                    stream.flush()
+                    os.fsync(stream.fileno())
+            except OSError as e:  # name the file (a full disk reports none)
+                raise OSError(e.errno, e.strerror, str(path)) from None
         done: Future = Future()
         done.set_result(results)
         return done
@@ -178,6 +166,25 @@ class JsonFileSystemWriter(FileSystemWriter):
     def finish(self, metadata: Metadata, results) -> None:
         storage = {wr.index: wr.storage_data for wrs in results for wr in wrs}
         write_atomic(Path(self.path) / METADATA_FILE, encode_metadata(metadata, storage))
+
+
+def _write_chunk(stream, planner, item, storage_key: str) -> WriteResult:
+    if item.type == WriteItemType.BYTE_IO:
+        raise CheckpointError(f"{item.index.fqn}: only tensors are checkpointed")
+    tensor = planner.resolve_data(item).detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    elif tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.clone()  # a view: store its own elements only
+    # Serialised in memory first: torch.save into a file turns a failed write (a full disk)
+    # into an unrelated zip-writer error; stream.write raises the OSError itself.
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    del tensor
+    offset = stream.tell()
+    stream.write(buf.getbuffer())
+    info = _StorageInfo(storage_key, offset, buf.tell())
+    return WriteResult(index=item.index, size_in_bytes=buf.tell(), storage_data=info)
 
 
 class JsonFileSystemReader(FileSystemReader):
@@ -264,6 +271,10 @@ class BoxLoadPlanner(DefaultLoadPlanner):
 def _reraise(e: CheckpointException, what: str, directory: Path):
     """One line naming the rank, the directory and the first underlying error."""
     rank, (exc, _trace) = next(iter(sorted(e.failures.items())))
+    if isinstance(exc, OSError):
+        raise CheckpointError(
+            f"{exc.filename or directory}: {exc.strerror} (rank {rank})"
+        ) from None
     if isinstance(exc, CheckpointError):
         raise CheckpointError(f"{what} {directory} failed on rank {rank}: {exc}") from None
     detail = f"{type(exc).__name__}: {exc}"

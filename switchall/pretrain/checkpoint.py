@@ -176,8 +176,10 @@ class CheckpointManager:
             for name in write(tmp):
                 path = tmp / name
                 listing[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        except (OSError, CheckpointError) as e:
-            error = f"{tmp}: {e}" if isinstance(e, CheckpointError) else f"{tmp}: {e.strerror}"
+        except CheckpointError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"{e.filename or tmp}: {e.strerror}"
         gathered = self.comm.all_gather_object((error, listing))
         failed = [(r, e) for r, (e, _) in enumerate(gathered) if e]
         if failed:

@@ -103,7 +103,9 @@ def test_full_disk_names_the_path_and_leaves_no_temporary(tmp_path):
         (tmp / "part.bin").write_bytes(b"z" * 10)
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "part.bin"))
 
-    with pytest.raises(CheckpointError, match=r"\.tmp-step_00000002: No space left on device"):
+    with pytest.raises(
+        CheckpointError, match=r"\.tmp-step_00000002/part\.bin: No space left on device"
+    ):
         mgr.save(2, full, {})
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["step_00000001"]
 

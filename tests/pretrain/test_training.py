@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
+from switchall.checkpoint.errors import CheckpointError
 from switchall.cli import main as cli_main
 from switchall.config import load_run_config
 from switchall.configtools import ConfigError
@@ -208,8 +211,6 @@ def _write_old_format(trainer: Trainer, ckpt: Path) -> None:
 
 
 def test_old_format_is_refused_then_converted_once_and_resumes_exactly(dataset, tmp_path, capsys):
-    from switchall.checkpoint.errors import CheckpointError
-
     cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=4", "model.dropout=0.1")
     train(cfg, tmp_path / "full")
     trainer = Trainer(cfg, tmp_path / "split", LocalRuntime(torch.device("cpu")))
@@ -281,3 +282,47 @@ def test_init_from_starts_from_the_export_and_checks_it(dataset, tmp_path):
     )
     with pytest.raises(ConfigError, match="no such export directory"):
         Trainer(missing, tmp_path / "missing", LocalRuntime(torch.device("cpu")))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size (root only); yields a function mounting one at a path."""
+    mounted = []
+
+    def mount(path: Path, size: int) -> Path:
+        path.mkdir(parents=True)
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+        if os.geteuid() != 0 or subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip(
+                "mounting a small tmpfs needs root (the quota test in test_checkpoint.py "
+                "covers the order without one)"
+            )
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_disk_with_room_for_keep_checkpoints_keeps_working(dataset, tmp_path, small_disk):
+    """A real full disk: room for the config's 2 checkpoints and not 3 -- every save succeeds;
+    room for less than one -- the error names the directory and no temporary is left."""
+    cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=4", "train.ckpt_every=1")
+    probe = tmp_path / "probe"
+    train(cfg, probe)
+    one = sum(p.stat().st_size for p in (probe / "checkpoints" / "step_00000004").iterdir())
+    run = tmp_path / "run"
+    small_disk(run / "checkpoints", int(2.6 * one))  # tmpfs rounds up to pages
+    train(cfg, run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000003",
+        "step_00000004",
+    ]
+    full = tmp_path / "full"
+    small_disk(full / "checkpoints", one // 2)
+    with pytest.raises(
+        CheckpointError, match=r"\.tmp-step_00000001/__0_0\.distcp: No space left on device"
+    ):
+        train(cfg, full)
+    assert list((full / "checkpoints").iterdir()) == []
