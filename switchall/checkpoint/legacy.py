@@ -24,7 +24,7 @@ from switchall.checkpoint.boxes import Box, GlobalTensor
 from switchall.checkpoint.entries import MOMENTS, model_key, optim_key
 from switchall.checkpoint.errors import CheckpointError
 from switchall.checkpoint.training_state import STATE_FILE, _b64, rng_file
-from switchall.configtools import ConfigError, from_dict
+from switchall.configtools import ConfigError, from_dict, to_dict
 from switchall.fileio import fsync_dir, write_atomic
 from switchall.models.config import ModelConfig
 from switchall.pretrain.checkpoint import CheckpointManager, is_legacy
@@ -137,13 +137,12 @@ def convert(ckpt: str | Path, out_root: str | Path | None = None) -> Path:
     config_yaml = ckpt.parent.parent / "config.yaml"
     meta = {
         "layout": single_process_layout(),
-        "model": old_meta["model"],
+        "model": to_dict(model_cfg),
         "tokenizer_sha256": old_meta.get("tokenizer_sha256"),
         "converted_from": str(ckpt),
     }
     if config_yaml.is_file():
         from switchall.config import load_run_config
-        from switchall.configtools import to_dict
 
         meta["config"] = to_dict(load_run_config(config_yaml))
     staging = Path(out_root) if out_root else ckpt.parent / f".convert-{ckpt.name}"

@@ -91,8 +91,18 @@ class RunSetup:
         }
 
     def check_checkpoint_meta(self, meta: dict[str, Any], path: Path) -> None:
-        """A checkpoint resumes into the same model and tokenizer, under any layout."""
-        if meta.get("model") != self.config_dict["model"]:
+        """A checkpoint resumes into the same model and tokenizer, under any layout.
+
+        `model.init_from` is not compared: it only matters when a run starts."""
+
+        def architecture(model: Any) -> Any:
+            return (
+                {k: v for k, v in model.items() if k != "init_from"}
+                if isinstance(model, dict)
+                else model
+            )
+
+        if architecture(meta.get("model")) != architecture(self.config_dict["model"]):
             raise ConfigError(
                 "model", f"differs from the model of checkpoint {path}; resume with its config"
             )

@@ -200,9 +200,10 @@ def _write_old_format(trainer: Trainer, ckpt: Path) -> None:
         (ckpt / name).write_bytes(buf.getvalue())
         hashes[name] = hashlib.sha256(buf.getvalue()).hexdigest()
     (ckpt / "files_rank0.json").write_text(json.dumps(hashes))
+    model = {k: v for k, v in trainer.setup.config_dict["model"].items() if k != "init_from"}
     meta = {
         "step": trainer.step,
-        "model": trainer.setup.config_dict["model"],
+        "model": model,  # main's ModelConfig had no init_from
         "dp_size": 1,
         "tokenizer_sha256": trainer.setup.tokenizer_sha256,
         "layout": "single",
