@@ -70,6 +70,12 @@ _DTYPES = {
 }
 
 
+def dtype_named(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise CheckpointError(f"unknown tensor dtype {name!r} in checkpoint metadata")
+    return _DTYPES[name]
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:

@@ -122,7 +122,7 @@ def _memory_destinations(trainer: Trainer, spec: dict[str, Any]) -> list[list[to
             "(the global batch it was trained with)",
         )
     rows = lanes // trainer.runtime.dp_size // trainer.accum
-    dtype = getattr(torch, spec["dtype"])
+    dtype = dcp_io.dtype_named(spec["dtype"])
     return [
         [
             torch.zeros((rows, *spec["size"][1:]), dtype=dtype, device=trainer.device)
