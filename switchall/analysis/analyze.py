@@ -22,8 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from switchall.config import RunConfig, load_run_config
+from switchall.config import RunConfig
 from switchall.configtools import ConfigError
+from switchall.pretrain.checkpoint import CheckpointManager
 
 
 @dataclass
@@ -35,30 +36,16 @@ class LoadedModel:
 
 
 def load_model(path: str | Path) -> LoadedModel:
-    """A trained model from a run directory (its latest single-process checkpoint).
+    """A trained model from a run directory: its latest checkpoint, of any parallel layout.
 
-    The one place that knows checkpoint layouts for the analyses: exported models
-    (`switchall.models.load_pretrained`) and checkpoints of any parallel layout plug in here.
-    """
-    from switchall.models import build_model
-    from switchall.pretrain.checkpoint import CheckpointManager
+    Run directories only (not exports): the analyses read the run's validation split."""
+    from switchall.pretrain.generate_cli import load_run_model
 
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise ConfigError("", f"{path}: not a run directory (no config.yaml)")
-    cfg = load_run_config(path / "config.yaml", ["logging.wandb=disabled"])
-    manager = CheckpointManager(path / "checkpoints")
-    ckpt = manager.latest()
-    if ckpt is None:
-        raise ConfigError("", f"{path / 'checkpoints'} holds no complete checkpoint")
-    meta = manager.read_meta(ckpt)
-    if meta.get("layout", "single") != "single":
-        raise ConfigError(
-            "", f"{ckpt} was saved by a {meta['layout']} run; analyses read single-process ones"
-        )
-    model = build_model(cfg.model)
-    model.load_state_dict(manager.load(ckpt, "model_rank0.pt"))
-    model.eval()
+    model, cfg, meta = load_run_model(path)
+    ckpt = CheckpointManager(path / "checkpoints").latest()
     return LoadedModel(path.name, model, cfg, str(ckpt))
 
 

@@ -15,12 +15,14 @@ from switchall.configtools import ConfigError, to_dict
 def load_run_model(run_dir: Path, checkpoint: Path | None = None, device="cpu"):
     """The model of a run's checkpoint (the latest unless `checkpoint`), in eval mode.
 
-    -> (model, run config, checkpoint meta). This is the one place that knows how a run
-    stores its model; it reads single-process checkpoints (`model_rank0.pt`).
+    -> (model, run config, checkpoint meta). A checkpoint of any layout (one process or
+    torchrun, any TP/EP/ZeRO) is consolidated into the single-device model.
     """
+    from switchall.checkpoint.consolidate import consolidate
     from switchall.config import load_run_config
     from switchall.models import build_model
     from switchall.pretrain.checkpoint import CheckpointManager
+    from switchall.pretrain.setup import same_architecture
 
     cfg = load_run_config(run_dir / "config.yaml", ["logging.wandb=disabled"])
     manager = CheckpointManager(run_dir / "checkpoints")
@@ -28,17 +30,10 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None, device="cpu"):
     if ckpt is None:
         raise ConfigError("", f"{run_dir / 'checkpoints'} holds no complete checkpoint")
     meta = manager.read_meta(ckpt)
-    if meta.get("model") != to_dict(cfg.model):
+    if not same_architecture(meta.get("model"), to_dict(cfg.model)):
         raise ConfigError("model", f"{run_dir / 'config.yaml'} differs from checkpoint {ckpt}")
-    layout = meta.get("layout", "single")
-    if layout != "single":
-        raise ConfigError(
-            "",
-            f"checkpoint {ckpt} was saved by a parallel run (layout {layout}); generate reads "
-            "single-process checkpoints or an export directory",
-        )
     model = build_model(cfg.model)
-    model.load_state_dict(manager.load(ckpt, "model_rank0.pt"))
+    model.load_state_dict(consolidate(ckpt))
     return model.to(device).eval(), cfg, meta
 
 

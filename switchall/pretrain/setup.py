@@ -137,14 +137,7 @@ class RunSetup:
 
         `model.init_from` is not compared: it only matters when a run starts."""
 
-        def architecture(model: Any) -> Any:
-            return (
-                {k: v for k, v in model.items() if k != "init_from"}
-                if isinstance(model, dict)
-                else model
-            )
-
-        if architecture(meta.get("model")) != architecture(self.config_dict["model"]):
+        if not same_architecture(meta.get("model"), self.config_dict["model"]):
             raise ConfigError(
                 "model", f"differs from the model of checkpoint {path}; resume with its config"
             )
@@ -154,3 +147,23 @@ class RunSetup:
                 f"the tokenizer of {self.cfg.data.path} differs from the one checkpoint {path} "
                 "was trained with",
             )
+
+
+def same_architecture(saved: Any, current: Any) -> bool:
+    """Whether a checkpoint's `model` section describes the model of `current` (a dict).
+
+    Both are read through `ModelConfig`, so a field added since the checkpoint was written
+    compares at its default; `init_from` is left out: it only matters when a run starts."""
+    from switchall.configtools import from_dict
+    from switchall.models.config import ModelConfig
+
+    def normal(model: Any) -> Any:
+        if not isinstance(model, dict):
+            return model
+        try:
+            model = to_dict(from_dict(ModelConfig, model, prefix="model"))
+        except ConfigError:
+            return model
+        return {k: v for k, v in model.items() if k != "init_from"}
+
+    return normal(saved) == normal(current)

@@ -45,7 +45,9 @@ def test_evaluate_scores_a_torchrun_run(two_ranks, capsys, name):
 def test_export_of_a_tp2_ep2_checkpoint_is_the_single_device_model(four_ranks, tmp_path):
     """Exported from TP=2 x EP=2 x DP=2: the same tensors as the one-process model that resumes
     the checkpoint, and the same logits once loaded back; bf16 is the same values rounded."""
+    from switchall.analysis.analyze import load_model
     from switchall.models.pretrained import load_pretrained, load_pretrained_state
+    from switchall.pretrain.generate_cli import load_run_model
 
     _, out = four_ranks
     source = out / "tp2_ep2_dp2_z2_split"
@@ -64,6 +66,12 @@ def test_export_of_a_tp2_ep2_checkpoint_is_the_single_device_model(four_ranks, t
     exported, _ = load_pretrained_state(tmp_path / "fp32")
     assert exported.keys() == live.keys()
     assert all(torch.equal(exported[k], live[k]) for k in live)
+    # `switchall generate` reads the parallel run directory directly, and so does `analyze`
+    # (which takes the latest checkpoint, step 4).
+    model = load_run_model(source, ckpt)[0]
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+    latest = load_run_model(source)[0].state_dict()
+    assert all(torch.equal(v, latest[k]) for k, v in load_model(source).model.state_dict().items())
     halves, _ = load_pretrained_state(tmp_path / "bf16")
     assert all(torch.equal(halves[k], live[k].to(torch.bfloat16)) for k in live)
     model, _ = load_pretrained(tmp_path / "fp32")

@@ -1,6 +1,6 @@
 """`switchall evaluate` against a validation loss computed independently: a plain loop over
-every validation batch with the model loaded from the checkpoint file. Also `--batches`,
-`--checkpoint`, bits per byte on byte-level data, and exit code 2 on bad data.
+every validation batch with the model of the checkpoint as a resumed `Trainer` holds it. Also
+`--batches`, `--checkpoint`, bits per byte on byte-level data, and exit code 2 on bad data.
 
 `independent_loss` takes any single-device model, so that runs of other layouts (or exported
 models) can be checked the same way once their weights are assembled into one model.
@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from switchall.cli import main as cli_main
 from switchall.config import load_run_config
 from switchall.data_pipeline import TokenLoader, read_manifest
-from switchall.models import build_model
 from switchall.pretrain.metrics import read_metrics
+from switchall.pretrain.runtime import LocalRuntime
+from switchall.pretrain.trainer import Trainer
 
 TINY = [
     "model.vocab_size=256",
@@ -68,13 +69,17 @@ def run(byte_ds, tmp_path_factory) -> Path:
     return run_dir
 
 
-def load_checkpoint_model(run_dir: Path, ckpt: Path) -> torch.nn.Module:
-    """The single-process model of `run_dir`'s config with the weights of `ckpt`'s file."""
-    cfg = load_run_config(run_dir / "config.yaml")
-    model = build_model(cfg.model)
-    state = torch.load(ckpt / "model_rank0.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model
+def load_checkpoint_model(run_dir: Path, ckpt: Path, tmp_path: Path) -> torch.nn.Module:
+    """The single-process model of `run_dir`'s config with the weights of `ckpt`, loaded the
+    way training resumes (not through `consolidate`, which `evaluate` uses): a copy of the
+    run holding only `ckpt`, resumed by a `Trainer`."""
+    copy = tmp_path / f"resume_{ckpt.name}"
+    shutil.copytree(ckpt, copy / "checkpoints" / ckpt.name)
+    shutil.copy(run_dir / "config.yaml", copy / "config.yaml")
+    cfg = load_run_config(copy / "config.yaml", ["logging.wandb=disabled"])
+    trainer = Trainer(cfg, copy, LocalRuntime(torch.device("cpu")), resume=True)
+    assert trainer.step == int(ckpt.name.split("_")[-1])
+    return trainer.model
 
 
 def independent_loss(
@@ -110,7 +115,7 @@ def evaluate_json(capsys, *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_evaluate_covers_the_whole_validation_split(run, byte_ds, capsys):
+def test_evaluate_covers_the_whole_validation_split(run, byte_ds, capsys, tmp_path):
     cfg = load_run_config(run / "config.yaml")
     B, T = cfg.train.batch_size, cfg.model.seq_len
     val_batches = TokenLoader(
@@ -119,7 +124,7 @@ def test_evaluate_covers_the_whole_validation_split(run, byte_ds, capsys):
     assert cfg.model.mem_chunks == 1 and val_batches > 5 * cfg.train.eval_batches
     out = evaluate_json(capsys, str(run))
     assert out["step"] == 4 and Path(out["checkpoint"]).name == "step_00000004"
-    model = load_checkpoint_model(run, run / "checkpoints" / "step_00000004")
+    model = load_checkpoint_model(run, run / "checkpoints" / "step_00000004", tmp_path)
     want, tokens = independent_loss(model, byte_ds, B, T, batches=None)
     assert tokens == val_batches * B * T == out["val_tokens"]
     assert out["val_loss"] == pytest.approx(want, rel=1e-6)
@@ -136,17 +141,19 @@ def test_evaluate_covers_the_whole_validation_split(run, byte_ds, capsys):
     assert f"val_bpc {out['val_bpc']:.4f}" in text and f"({tokens:,} tokens)" in text
 
 
-def test_evaluate_batches_and_checkpoint(run, byte_ds, capsys):
+def test_evaluate_batches_and_checkpoint(run, byte_ds, capsys, tmp_path):
     cfg = load_run_config(run / "config.yaml")
     B, T = cfg.train.batch_size, cfg.model.seq_len
-    latest = load_checkpoint_model(run, run / "checkpoints" / "step_00000004")
+    latest = load_checkpoint_model(run, run / "checkpoints" / "step_00000004", tmp_path)
     out = evaluate_json(capsys, str(run), "--batches", "3")
     want, tokens = independent_loss(latest, byte_ds, B, T, batches=3)
     assert out["val_tokens"] == tokens == 3 * B * T
     assert out["val_loss"] == pytest.approx(want, rel=1e-6)
     older = run / "checkpoints" / "step_00000002"
     out = evaluate_json(capsys, str(run), "--checkpoint", str(older))
-    want, _ = independent_loss(load_checkpoint_model(run, older), byte_ds, B, T, batches=None)
+    want, _ = independent_loss(
+        load_checkpoint_model(run, older, tmp_path), byte_ds, B, T, batches=None
+    )
     assert out["step"] == 2 and out["checkpoint"] == str(older)
     assert out["val_loss"] == pytest.approx(want, rel=1e-6)
     assert abs(out["val_loss"] - evaluate_json(capsys, str(run))["val_loss"]) > 1e-3

@@ -81,14 +81,12 @@ def test_generate_errors(run_dir, tmp_path, capsys):
     assert "neither an export" in capsys.readouterr().err
     assert cli_main(["generate", str(run_dir), "--top-k", "0"]) == 2
     assert "--top-k: must be >= 1" in capsys.readouterr().err
-    parallel = tmp_path / "parallel"
-    shutil.copytree(run_dir, parallel)
-    ckpt = sorted((parallel / "checkpoints").iterdir())[-1]
-    meta = json.loads((ckpt / "meta.json").read_text())
-    (ckpt / "meta.json").write_text(json.dumps({**meta, "layout": "tp2"}))
-    assert cli_main(["generate", str(parallel), "--prompt", "x"]) == 2
-    assert "saved by a parallel run (layout tp2)" in capsys.readouterr().err
-    (ckpt / "model_rank0.pt").write_bytes(b"garbage")
-    (ckpt / "meta.json").write_text(json.dumps(meta))
-    assert cli_main(["generate", str(parallel), "--prompt", "x"]) == 2
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    ckpt = sorted((broken / "checkpoints").iterdir())[-1]
+    data = next(ckpt.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum can tell
+    data.write_bytes(bytes(raw))
+    assert cli_main(["generate", str(broken), "--prompt", "x"]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
