@@ -13,9 +13,9 @@ Resuming is read off the run directories: a point whose final checkpoint exists 
 skipped; one with an earlier checkpoint (killed sweep, killed node) continues from it through
 the trainer's `--resume`, as does one whose last attempt was stopped by a signal after a
 checkpoint (exit code 3); one whose last attempt exited otherwise non-zero is failed, reported
-with its log, and run again only with `--retry-failed`. A point a queued or running Slurm job
-holds is left to it. A point's config hash is checked against the
-plan, so an edited sweep file never resumes a run with another config.
+with its log, and run again only with `--retry-failed`. A point that a queued or running Slurm
+job holds is left to it. A point's config hash is checked against the plan, so an edited sweep
+file never resumes a run with another config.
 """
 
 from __future__ import annotations
