@@ -36,6 +36,7 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from switchall.analysis import analyze_cli, count_cli, scaling_cli
+    from switchall.checkpoint import cli as checkpoint_cli
     from switchall.data_pipeline import cli as data_cli
     from switchall.launch import cli as launch_cli
     from switchall.pretrain import cli as pretrain_cli
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_cli.register(verbs)
     scaling_cli.register(verbs)
     analyze_cli.register(verbs)
+    checkpoint_cli.register(verbs)
     return parser
 
 

@@ -114,6 +114,9 @@ class ModelConfig:
     attention: AttentionConfig
     mlp: MLPConfig = field(default_factory=MLPConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    init_from: str | None = None
+    """An export directory (`switchall export`) whose weights start a new run, under any
+    layout, with a fresh optimiser; its model config must be this one. Not used on --resume."""
 
     @property
     def mem_len(self) -> int:
@@ -137,6 +140,7 @@ class ModelConfig:
         check(self.n_layers >= 1, join(prefix, "n_layers"), "must be >= 1")
         check(self.seq_len >= 1, join(prefix, "seq_len"), "must be >= 1")
         check(self.mem_chunks >= 0, join(prefix, "mem_chunks"), "must be >= 0")
+        check(self.init_from != "", join(prefix, "init_from"), "must be a directory or null")
         check(0.0 <= self.dropout < 1.0, join(prefix, "dropout"), "must be in [0, 1)")
         check(
             self.init_scale is None or self.init_scale > 0,

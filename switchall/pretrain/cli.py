@@ -120,6 +120,7 @@ def _train(args: argparse.Namespace, cfg, resume: bool, rank: int) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from switchall.checkpoint.consolidate import consolidate
     from switchall.models import build_model
     from switchall.pretrain.checkpoint import CheckpointManager
     from switchall.pretrain.evaluate import validate
@@ -136,8 +137,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("", f"{run_dir / 'checkpoints'} holds no complete checkpoint")
     setup = RunSetup(cfg, run_dir, runtime, resume=True, write=False)
     setup.check_checkpoint_meta(manager.read_meta(ckpt), ckpt)
-    model = build_model(cfg.model).to(runtime.device)
-    runtime.load_model_files(model, lambda name: manager.load(ckpt, name))
+    model = build_model(cfg.model)
+    # Any layout: the checkpoint's weights consolidated into the single-device state dict.
+    model.load_state_dict(consolidate(ckpt))
+    model.to(runtime.device)
     result = validate(
         model,
         setup.val_loader(),

@@ -126,15 +126,25 @@ class RunSetup:
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
+            "layout": self.runtime.layout_record(),
             "model": self.config_dict["model"],
             "tokenizer_sha256": self.tokenizer_sha256,
-            "dp_size": self.runtime.dp_size,
-            "layout": getattr(self.runtime, "layout_name", "single"),
+            "config": self.config_dict,
         }
 
     def check_checkpoint_meta(self, meta: dict[str, Any], path: Path) -> None:
-        """A checkpoint resumes only into the same model, tokenizer and layout."""
-        if meta.get("model") != self.config_dict["model"]:
+        """A checkpoint resumes into the same model and tokenizer, under any layout.
+
+        `model.init_from` is not compared: it only matters when a run starts."""
+
+        def architecture(model: Any) -> Any:
+            return (
+                {k: v for k, v in model.items() if k != "init_from"}
+                if isinstance(model, dict)
+                else model
+            )
+
+        if architecture(meta.get("model")) != architecture(self.config_dict["model"]):
             raise ConfigError(
                 "model", f"differs from the model of checkpoint {path}; resume with its config"
             )
@@ -143,11 +153,4 @@ class RunSetup:
                 "data.path",
                 f"the tokenizer of {self.cfg.data.path} differs from the one checkpoint {path} "
                 "was trained with",
-            )
-        layout = getattr(self.runtime, "layout_name", "single")
-        if meta.get("layout", "single") != layout:
-            raise ConfigError(
-                "parallel",
-                f"checkpoint {path} was saved with layout {meta.get('layout')}, "
-                f"this run uses {layout}; resharding across layouts is not supported yet",
             )

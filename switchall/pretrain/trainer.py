@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from switchall.checkpoint import training_state
+from switchall.checkpoint.init_from import load_init_from
 from switchall.config import RunConfig
 from switchall.models import NoiseContext, build_model
 from switchall.models.routing import derive_seed
@@ -48,8 +50,10 @@ class Trainer:
         )
         self.loader = self.setup.train_loader()
         self.ckpt = CheckpointManager(
-            self.run_dir / "checkpoints", cfg.train.keep_checkpoints, runtime.rank, runtime.barrier
+            self.run_dir / "checkpoints", cfg.train.keep_checkpoints, comm=runtime
         )
+        self.ckpt.start()  # writable? temporaries and trash of a killed run removed
+        self._saved_step: int | None = None
         self.step = 0
         self.accum = cfg.train.grad_accum
         self.memory: list[list[torch.Tensor] | None] = [None] * self.accum
@@ -63,48 +67,37 @@ class Trainer:
         self.resumed = resume
         if resume:
             self._resume()
+        if cfg.model.init_from and self._saved_step is None:  # a new run, not a resumed one
+            self.metrics.log(load_init_from(self), console=f"weights from {cfg.model.init_from}")
 
     # ----------------------------------------------------------------- checkpoints
-    def _rank_file(self, name: str) -> str:
-        return f"{name}_rank{self.runtime.rank}.pt"
-
     def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "engine": self.engine.state_dict(),
-            "memory": self.memory,
-            "loader": self.loader.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "python": random.getstate(),
-            },
-        }
-        objects = {
-            **self.runtime.model_files(self.model),
-            self._rank_file("train_state"): state,
-        }
-        return self.ckpt.save(self.step, objects, self.setup.checkpoint_meta())
+        """Checkpoint the current step (collective); a step already on disk is not re-saved."""
+        if self._saved_step == self.step:
+            return self.ckpt.root / f"step_{self.step:08d}"
+        path = training_state.save(self)
+        self._saved_step = self.step
+        return path
 
     def _resume(self) -> None:
-        path = self.ckpt.latest()
+        path = self.ckpt.select_resume()
+        for skipped, why in self.ckpt.skipped:
+            self.metrics.log(
+                {"event": "checkpoint_skipped", "checkpoint": str(skipped), "reason": why}
+            )
         if path is None:
             self.metrics.log({"event": "start", "step": 0}, console="no checkpoint yet; starting")
             return
-        self.setup.check_checkpoint_meta(CheckpointManager.read_meta(path), path)
-        self.runtime.load_model_files(self.model, lambda name: self.ckpt.load(path, name))
-        state = self.ckpt.load(path, self._rank_file("train_state"))
-        self.engine.load_state_dict(state["engine"])
-        self.loader.load_state_dict(state["loader"])
-        self.memory = [
-            None if m is None else [t.to(self.device) for t in m] for m in state["memory"]
-        ]
-        self.step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        random.setstate(state["rng"]["python"])
-        self.metrics.log({"event": "resume", "step": self.step}, console=f"resumed from {path}")
+        meta = CheckpointManager.read_meta(path)
+        self.setup.check_checkpoint_meta(meta, path)
+        loaded = training_state.restore(self, path, meta)
+        self._saved_step = self.step
+        saved = meta["layout"]["name"]
+        note = "" if loaded["rng"] == "restored" else f" (saved as {saved}; RNG streams reseeded)"
+        self.metrics.log(
+            {"event": "resume", "step": self.step, "from_layout": saved, **loaded},
+            console=f"resumed from {path}{note}",
+        )
 
     # ----------------------------------------------------------------- one step
     def train_step(self, batch_BT1: torch.Tensor) -> dict[str, float]:

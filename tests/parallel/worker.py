@@ -9,7 +9,10 @@ Rank 0 writes SPEC's `out`/results.json: per case, the logged history, and under
 `switchall_imported_from` every rank's `switchall.__file__`. Cases may also ask for
 per-rank dumps (`dump_experts`: the local σ-MoE expert shards; `capture_grads`: gradients as
 the optimiser sees them after DeepSpeed's reduction, at ZeRO stage 0; `dump_weights_at`: the
-local parameters after the listed optimiser steps).
+local parameters after the listed optimiser steps; `dump_state`: every checkpoint entry this
+rank holds, as (global offsets, tensor) boxes, right after construction (a resumed run: what it
+loaded) and at the end). `copy_from` starts the case in a copy of another case's run directory
+(a checkpoint resumed under another layout).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +60,28 @@ def _dump_replicated(runtime: DistributedRuntime, path: Path) -> None:
         if not getattr(p, "tensor_model_parallel", False)
     }
     torch.save(params, path)
+
+
+def _copy_checkpoint(src: Path, dst: Path, step: int) -> None:
+    """A new run directory holding `src`'s config and its checkpoint `step` only."""
+    name = f"checkpoints/step_{step:08d}"
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copy(src / "config.yaml", dst / "config.yaml")
+    shutil.copytree(src / name, dst / name)
+
+
+def dump_state(trainer: Trainer, runtime, path: Path) -> None:
+    """This rank's boxes of every checkpoint entry: key -> [(global offsets, tensor)]."""
+    from switchall.checkpoint.entries import memory_entries
+
+    entries = trainer.engine.checkpoint_entries(optimizer=trainer.engine.has_optimizer_state())
+    lanes = trainer.cfg.train.batch_size
+    first_lane = runtime.dp_rank * lanes // runtime.dp_size
+    entries.update(memory_entries(trainer.memory, lanes, first_lane))
+    boxes = {
+        key: [(b.offsets, b.tensor.detach().clone()) for b in g.boxes] for key, g in entries.items()
+    }
+    torch.save({"rank": runtime.rank, "step": trainer.step, "boxes": boxes}, path)
 
 
 def _capture_grads(trainer: Trainer, runtime: DistributedRuntime, path: Path) -> None:
@@ -166,9 +193,15 @@ def run_case(case: dict, out: Path) -> dict:
     if case.get("kind") == "dispatch":
         return check_dispatch(case)
     cfg = load_run_config(case["config"], case["overrides"])
+    if case.get("copy_from") and dist.get_rank() == 0:
+        _copy_checkpoint(out / case["copy_from"], out / case["run_dir"], case["copy_step"])
+    dist.barrier()
     runtime = DistributedRuntime(cfg)
     try:
         trainer = Trainer(cfg, out / case["run_dir"], runtime, resume=case.get("resume", False))
+        name, rank = case["name"], runtime.rank
+        if case.get("dump_state"):
+            dump_state(trainer, runtime, out / f"{name}_start_rank{rank}.pt")
         if case.get("capture_grads"):
             _capture_grads(trainer, runtime, out / f"{case['name']}_grads_rank{runtime.rank}.pt")
         if case.get("dump_weights_at"):
@@ -178,6 +211,8 @@ def run_case(case: dict, out: Path) -> dict:
             _dump_replicated(runtime, out / f"{case['name']}_replicated_rank{runtime.rank}.pt")
         if case.get("dump_experts"):
             _dump_experts(trainer, runtime, out / f"{case['name']}_experts_rank{runtime.rank}.pt")
+        if case.get("dump_state"):
+            dump_state(trainer, runtime, out / f"{name}_end_rank{rank}.pt")
         return {"layout": runtime.layout_name, "history": result["history"]}
     finally:
         runtime.shutdown()
@@ -189,8 +224,10 @@ def main(spec_path: str) -> None:
     dist.init_process_group("gloo")
     results = {}
     for case in spec["cases"]:
+        start = time.perf_counter()
         results[case["name"]] = run_case(case, out)
         dist.barrier()
+        results[case["name"]]["seconds"] = time.perf_counter() - start
     imported: list = [None] * dist.get_world_size()
     dist.all_gather_object(imported, switchall.__file__)
     results["switchall_imported_from"] = imported  # launch.py checks it is the checkout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from switchall.checkpoint.errors import CheckpointError
 from switchall.cli import main as cli_main
 from switchall.config import load_run_config
 from switchall.configtools import ConfigError
@@ -276,3 +278,197 @@ def test_deterministic_reaches_the_cvmm_calls(dataset, tmp_path, monkeypatch, de
         torch.use_deterministic_algorithms(previous)  # the CLI sets it for its whole process
     assert seen and set(seen) == {deterministic}
     assert ("CUBLAS_WORKSPACE_CONFIG" in os.environ) is deterministic
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_a_finished_run_does_not_resave(
+    dataset, tmp_path, capsys
+):
+    """The newest checkpoint is corrupt: resume falls back to the one before, loudly, and still
+    ends bitwise where the uninterrupted run ends. Resuming the finished run writes nothing."""
+    base = ("configs/demo_transformer.yaml", "train.steps=4", "train.keep_checkpoints=3")
+    train(config(dataset, *base), tmp_path / "full")
+    cfg = config(dataset, *base, "train.ckpt_every=1")
+    split = tmp_path / "split"
+    train(cfg, split, stop_after=2)  # checkpoints at steps 1 and 2
+    data = split / "checkpoints" / "step_00000002" / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    capsys.readouterr()
+    train(cfg, split, resume=True)
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step_00000002" in err and "checksum mismatch" in err
+    events = [r for r in read_metrics(split / "metrics.jsonl") if "event" in r]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [1]
+    full = latest_per_step(read_metrics(tmp_path / "full" / "metrics.jsonl"), "loss")
+    assert latest_per_step(read_metrics(split / "metrics.jsonl"), "loss") == full
+    final = split / "checkpoints" / "step_00000004" / "meta.json"
+    before = final.stat().st_mtime_ns
+    train(cfg, split, resume=True)
+    assert final.stat().st_mtime_ns == before
+
+
+def test_consolidated_checkpoint_is_the_model_state(dataset, tmp_path):
+    from switchall.checkpoint.consolidate import consolidate
+
+    cfg = config(dataset, "configs/demo_switchall.yaml", "train.steps=2")
+    trainer = Trainer(cfg, tmp_path / "run", LocalRuntime(torch.device("cpu")))
+    trainer.run()
+    weights = consolidate(tmp_path / "run" / "checkpoints" / "step_00000002")
+    state = trainer.model.state_dict()
+    assert weights.keys() == state.keys()
+    assert all(torch.equal(weights[k], state[k]) for k in state)
+
+
+def _write_old_format(trainer: Trainer, ckpt: Path) -> None:
+    """A checkpoint as switchall wrote it before the layout-free format (one process: the
+    model's state_dict and the train state pickled per rank, sha256 listing, meta.json)."""
+    import hashlib
+    import io
+    import random
+
+    state = {
+        "step": trainer.step,
+        "engine": {"optimizer": trainer.engine.optimizer.state_dict()},
+        "memory": trainer.memory,
+        "loader": trainer.loader.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": [], "python": random.getstate()},
+    }
+    ckpt.mkdir(parents=True)
+    hashes = {}
+    for name, obj in {
+        "model_rank0.pt": trainer.model.state_dict(),
+        "train_state_rank0.pt": state,
+    }.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        (ckpt / name).write_bytes(buf.getvalue())
+        hashes[name] = hashlib.sha256(buf.getvalue()).hexdigest()
+    (ckpt / "files_rank0.json").write_text(json.dumps(hashes))
+    model = {k: v for k, v in trainer.setup.config_dict["model"].items() if k != "init_from"}
+    meta = {
+        "step": trainer.step,
+        "model": model,  # main's ModelConfig had no init_from
+        "dp_size": 1,
+        "tokenizer_sha256": trainer.setup.tokenizer_sha256,
+        "layout": "single",
+    }
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_old_format_is_refused_then_converted_once_and_resumes_exactly(dataset, tmp_path, capsys):
+    cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=4", "model.dropout=0.1")
+    train(cfg, tmp_path / "full")
+    trainer = Trainer(cfg, tmp_path / "split", LocalRuntime(torch.device("cpu")))
+    trainer.run(stop_after=2)
+    old = tmp_path / "old"
+    _write_old_format(trainer, old / "checkpoints" / "step_00000002")
+    shutil.copy(tmp_path / "split" / "config.yaml", old / "config.yaml")
+    with pytest.raises(CheckpointError, match="old per-rank format.*switchall checkpoint convert"):
+        train(cfg, old, resume=True)
+    ckpt = old / "checkpoints" / "step_00000002"
+    assert cli_main(["checkpoint", "convert", str(ckpt)]) == 0
+    assert (old / "checkpoints" / "step_00000002.old-format" / "model_rank0.pt").is_file()
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "convert", str(ckpt)]) == 2
+    assert "not a checkpoint of the old per-rank format" in capsys.readouterr().err
+    assert cli_main(["checkpoint", "info", str(old)]) == 0
+    info = capsys.readouterr().out
+    assert "step        2" in info and "saved with  single" in info and "verified    yes" in info
+    train(cfg, old, resume=True)
+    full = latest_per_step(read_metrics(tmp_path / "full" / "metrics.jsonl"), "loss")
+    resumed = latest_per_step(read_metrics(old / "metrics.jsonl"), "loss")
+    assert resumed == {s: v for s, v in full.items() if s > 2}
+
+
+def test_checkpoint_info_and_evaluate_name_a_corrupt_file(dataset, tmp_path, capsys):
+    cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=2")
+    train(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    data = ckpt / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert cli_main(["checkpoint", "info", str(ckpt)]) == 1
+    assert "__0_0.distcp: checksum mismatch" in capsys.readouterr().out
+    # One line naming the file, exit code 2 (no traceback).
+    assert cli_main(["evaluate", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint error:" in err
+    assert "__0_0.distcp: checksum mismatch" in err
+    data.unlink()
+    assert cli_main(["evaluate", str(tmp_path / "run"), "--checkpoint", str(ckpt)]) == 2
+    assert "__0_0.distcp: missing checkpoint file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("switchall.models.pretrained") is None,
+    reason="switchall.models.pretrained (the export writer) is not installed",
+)
+def test_init_from_starts_from_the_export_and_checks_it(dataset, tmp_path):
+    cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=2")
+    train(cfg, tmp_path / "run")
+    export = tmp_path / "export"
+    assert cli_main(["export", str(tmp_path / "run"), "--out", str(export)]) == 0
+    start = config(dataset, "configs/demo_transformer.yaml", f"model.init_from={export}")
+    trainer = Trainer(start, tmp_path / "new", LocalRuntime(torch.device("cpu")))
+    from switchall.models.pretrained import load_pretrained_state
+
+    weights, _ = load_pretrained_state(export)
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    assert trainer.step == 0 and not trainer.engine.has_optimizer_state()
+    other = config(
+        dataset, "configs/demo_transformer.yaml", "model.n_layers=3", f"model.init_from={export}"
+    )
+    with pytest.raises(ConfigError, match="model.init_from.*n_layers: export 2, run 3"):
+        Trainer(other, tmp_path / "other", LocalRuntime(torch.device("cpu")))
+    missing = config(
+        dataset, "configs/demo_transformer.yaml", f"model.init_from={tmp_path / 'nope'}"
+    )
+    with pytest.raises(ConfigError, match="no such export directory"):
+        Trainer(missing, tmp_path / "missing", LocalRuntime(torch.device("cpu")))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size (root only); yields a function mounting one at a path."""
+    mounted = []
+
+    def mount(path: Path, size: int) -> Path:
+        path.mkdir(parents=True)
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+        if os.geteuid() != 0 or subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip(
+                "mounting a small tmpfs needs root (the quota test in test_checkpoint.py "
+                "covers the order without one)"
+            )
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_disk_with_room_for_keep_checkpoints_keeps_working(dataset, tmp_path, small_disk):
+    """A real full disk: room for the config's 2 checkpoints and not 3 -- every save succeeds;
+    room for less than one -- the error names the directory and no temporary is left."""
+    cfg = config(dataset, "configs/demo_transformer.yaml", "train.steps=4", "train.ckpt_every=1")
+    probe = tmp_path / "probe"
+    train(cfg, probe)
+    one = sum(p.stat().st_size for p in (probe / "checkpoints" / "step_00000004").iterdir())
+    run = tmp_path / "run"
+    small_disk(run / "checkpoints", int(2.6 * one))  # tmpfs rounds up to pages
+    train(cfg, run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000003",
+        "step_00000004",
+    ]
+    full = tmp_path / "full"
+    small_disk(full / "checkpoints", one // 2)
+    with pytest.raises(
+        CheckpointError, match=r"\.tmp-step_00000001/__0_0\.distcp: No space left on device"
+    ):
+        train(cfg, full)
+    assert list((full / "checkpoints").iterdir()) == []
