@@ -26,31 +26,7 @@ def register(verbs) -> None:
     )
     s.add_argument("items", nargs="+", metavar="CONFIG|OVERRIDE", help="YAML configs, key=value")
     s.add_argument("--run-dir", required=True, type=Path)
-    s.add_argument("--nodes", type=int, default=1)
-    shape = s.add_mutually_exclusive_group()
-    shape.add_argument("--gpus-per-node", type=int, help="one rank per GPU")
-    shape.add_argument("--tasks-per-node", type=int, help="CPU ranks per node (default 1)")
-    s.add_argument("--cpus-per-task", type=int)
-    s.add_argument("--partition")
-    s.add_argument("--account")
-    s.add_argument("--qos")
-    s.add_argument("--time", help="time limit, e.g. 04:00:00")
-    s.add_argument(
-        "--signal-grace",
-        type=int,
-        default=120,
-        metavar="SECONDS",
-        help="warn this long before the time limit: checkpoint, stop, requeue (default 120)",
-    )
-    s.add_argument("--max-requeues", type=int, default=10, metavar="R", help="default 10")
-    s.add_argument(
-        "--sbatch-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="an extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)",
-    )
-    s.add_argument("--job-name")
+    add_slurm_options(s)
     s.add_argument(
         "--allow-config-change",
         action="store_true",
@@ -58,6 +34,64 @@ def register(verbs) -> None:
     )
     s.add_argument("--dry-run", action="store_true", help="write and print the script only")
     s.set_defaults(func=run_launch_slurm)
+
+
+def add_slurm_options(p: argparse.ArgumentParser) -> None:
+    """The job's resources and behaviour (`SlurmOptions`): `launch slurm`'s and `sweep run
+    --slurm`'s flags."""
+    p.add_argument("--nodes", type=int, default=1)
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--gpus-per-node", type=int, help="one rank per GPU")
+    shape.add_argument("--tasks-per-node", type=int, help="CPU ranks per node (default 1)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--time", help="time limit, e.g. 04:00:00")
+    p.add_argument(
+        "--signal-grace",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="warn this long before the time limit: checkpoint, stop, requeue (default 120)",
+    )
+    p.add_argument("--max-requeues", type=int, default=10, metavar="R", help="default 10")
+    p.add_argument(
+        "--array-parallel",
+        type=int,
+        metavar="K",
+        help="at most K runs of a job array at once",
+    )
+    p.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)",
+    )
+    p.add_argument("--job-name")
+
+
+def slurm_options(args: argparse.Namespace, **extra):
+    """`SlurmOptions` from the flags of `add_slurm_options` (and `extra` fields)."""
+    from switchall.launch.slurm import SlurmOptions
+
+    return SlurmOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        time=args.time,
+        signal_grace=args.signal_grace,
+        max_requeues=args.max_requeues,
+        array_parallel=args.array_parallel,
+        sbatch_args=args.sbatch_arg,
+        job_name=args.job_name,
+        **extra,
+    )
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str]]:
@@ -83,25 +117,11 @@ def run_specs(configs: list[str], overrides: list[str], run_dir: Path):
 
 
 def run_launch_slurm(args: argparse.Namespace) -> int:
-    from switchall.launch.slurm import SlurmOptions, submit_array
+    from switchall.launch.slurm import submit_array
 
     configs, overrides = split_items(args.items)
     specs, launch_dir = run_specs(configs, overrides, args.run_dir)
-    opts = SlurmOptions(
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        tasks_per_node=args.tasks_per_node,
-        cpus_per_task=args.cpus_per_task,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        time=args.time,
-        signal_grace=args.signal_grace,
-        max_requeues=args.max_requeues,
-        sbatch_args=args.sbatch_arg,
-        job_name=args.job_name,
-        allow_config_change=args.allow_config_change,
-    )
+    opts = slurm_options(args, allow_config_change=args.allow_config_change)
     sub = submit_array(specs, opts, launch_dir, dry_run=args.dry_run)
     if args.dry_run:
         print(sub.script.read_text(), end="")
@@ -110,10 +130,10 @@ def run_launch_slurm(args: argparse.Namespace) -> int:
     job = sub.job_id
     print(f"submitted job {job}: {sub.script}")
     if len(sub.runs) == 1:
-        print(f"rank 0's console: {sub.output.replace('%j', job)}")
+        print(f"rank 0's console: {sub.console(0)}")
         print(f"rank logs: {sub.runs[0]}/logs/attempt-*-job{job}/rank-*.log")
     else:
         for i, run in enumerate(sub.runs):
-            print(f"task {i}: {run}, console {run}/logs/slurm-{job}_{i}.out")
+            print(f"task {i}: {run}, console {sub.console(i)}")
     print(f"stop it with: scancel {job}  (the run resumes when you sbatch {sub.script} again)")
     return 0

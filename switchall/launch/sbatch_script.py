@@ -75,7 +75,7 @@ while :; do
 done
 wait "$SRUN" 2>/dev/null; last=$?
 [ "$last" -ne 127 ] && rc=$last  # srun ended while we were in a trap: its real status
-
+{record_call}
 case $rc in
   0) log "the run is finished"; exit 0 ;;
   2) log "configuration, data or checkpoint error (see above): not requeued"; exit 2 ;;
@@ -93,6 +93,35 @@ exit "$rc"
 """
 
 
+# With exit / attempts files (`RunSpec.exit_file`, `attempts_file`): what every attempt leaves
+# in them, written by this shell after the ranks ended, before any requeue.
+RECORD_SETUP = r"""
+# Each attempt's exit code goes to the run's exit file, and one JSON line per attempt to its
+# attempts file: whoever drives the runs (a sweep) reads their outcome there.
+EXIT_FILES=(
+{exit_files}
+)
+ATTEMPT_FILES=(
+{attempt_files}
+)
+EXIT_FILE=${{EXIT_FILES[${{SLURM_ARRAY_TASK_ID:-0}}]}}
+ATTEMPTS_FILE=${{ATTEMPT_FILES[${{SLURM_ARRAY_TASK_ID:-0}}]}}
+START=$(date +%s.%N)
+record() {{
+  if [ -n "$EXIT_FILE" ]; then
+    echo "$1" >"$EXIT_FILE.tmp" && mv -f "$EXIT_FILE.tmp" "$EXIT_FILE"
+  fi
+  if [ -n "$ATTEMPTS_FILE" ]; then
+    local t
+    t=$(LC_ALL=C awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN {{ printf "%.3f %.3f", e, e - s }}')
+    printf '{{"time": %s, "seconds": %s, "exit": %d, "job": "%s", "attempt": %d}}\n' \
+      "${{t% *}}" "${{t#* }}" "$1" "$JOB" "$ATTEMPT" >>"$ATTEMPTS_FILE"
+  fi
+}}
+""".lstrip()
+RECORD_CALL = 'record "$rc"\n'
+
+
 def render(
     *,
     script: str,
@@ -103,8 +132,11 @@ def render(
     shape: str,
     pretrain_flags: list[str],
     array: bool,
+    exit_files: list[str] | None = None,
+    attempt_files: list[str] | None = None,
 ) -> str:
-    """The script's text. `sbatch`: option strings, one `#SBATCH` line each."""
+    """The script's text. `sbatch`: option strings, one `#SBATCH` line each. `exit_files`,
+    `attempt_files`: one path (or "") per run, or None for none at all."""
     redirect = ""
     if array:
         # One output file per run directory: sbatch's --output cannot name it per task.
@@ -112,6 +144,14 @@ def render(
             'mkdir -p "$RUN_DIR/logs"\n'
             'exec >>"$RUN_DIR/logs/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out" 2>&1\n'
         )
+    record_setup = record_call = ""
+    if exit_files or attempt_files:
+        n = len(run_dirs)
+        record_setup = RECORD_SETUP.format(
+            exit_files="\n".join(f"  {shlex.quote(f)}" for f in exit_files or [""] * n),
+            attempt_files="\n".join(f"  {shlex.quote(f)}" for f in attempt_files or [""] * n),
+        )
+        record_call = RECORD_CALL
     return TEMPLATE.format(
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
         shape=shape,
@@ -120,6 +160,7 @@ def render(
         python=shlex.quote(python),
         run_dirs="\n".join(f"  {shlex.quote(d)}" for d in run_dirs),
         max_requeues=int(max_requeues),
-        redirect=redirect,
+        redirect=record_setup + redirect,
         pretrain_flags="".join(f" {shlex.quote(f)}" for f in pretrain_flags),
+        record_call=record_call,
     )

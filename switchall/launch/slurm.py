@@ -14,6 +14,12 @@ and its run directory checked (another config's run, a run in use). Each run dir
 gets `launch/config.yaml`, the resolved config the job trains (relative local data paths made
 absolute), and `logs/`. One run is one job; several runs are one job array, task i training
 run i. The script (see `sbatch_script`) is written to `launch_dir`, and `sbatch` submits it.
+
+A run may name an `exit_file` and an `attempts_file`: the job writes each attempt's exit code
+to the first (atomically, before it requeues or ends, whatever happened to the ranks) and
+appends one JSON line per attempt (time, seconds, exit code, job, attempt) to the second, so
+that a driver (`switchall sweep run --slurm`) reads the outcome off the run directory without
+Slurm accounting. `active_jobs` asks squeue which of some jobs are still queued or running.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ class RunSpec:
     config: str | Path
     overrides: list[str] = field(default_factory=list)
     run_dir: str | Path = ""
+    exit_file: str | Path | None = None
+    """Where the job writes each attempt's exit code (None: nowhere)."""
+    attempts_file: str | Path | None = None
+    """Where the job appends one JSON line per attempt (None: nowhere)."""
 
 
 @dataclass
@@ -144,6 +154,16 @@ class Submission:
     job_id: str | None = None
     """None for a dry run."""
 
+    def task_id(self, i: int) -> str:
+        """Run i's job as squeue and scancel name it: `JOB_i` in an array, else `JOB`."""
+        return f"{self.job_id}_{i}" if len(self.runs) > 1 else str(self.job_id)
+
+    def console(self, i: int) -> str:
+        """The file run i's console goes to (rank 0's output, every attempt appended)."""
+        if len(self.runs) > 1:
+            return str(self.runs[i] / f"logs/slurm-{self.job_id}_{i}.out")
+        return self.output.replace("%j", str(self.job_id))
+
 
 def _freeze_config(spec: RunSpec, opts: SlurmOptions, run_dir: Path) -> dict:
     """The resolved config of `spec`, checked for this job's world size and run directory."""
@@ -196,6 +216,12 @@ def submit_array(
             raise ConfigError("", "an array of runs needs a launch_dir for its script")
         launch_dir = dirs[0] / "launch"
     launch_dir = Path(os.path.abspath(launch_dir))
+
+    def hook(path) -> str:
+        return "" if path is None else os.path.abspath(path)
+
+    exit_files = [hook(r.exit_file) for r in runs]
+    attempt_files = [hook(r.attempts_file) for r in runs]
     frozen = [_freeze_config(r, opts, d) for r, d in zip(runs, dirs, strict=True)]
     array = len(runs) > 1
     script = launch_dir / ("array.sbatch" if array else "job.sbatch")
@@ -220,6 +246,8 @@ def submit_array(
         shape=shape,
         pretrain_flags=["--allow-config-change"] if opts.allow_config_change else [],
         array=array,
+        exit_files=exit_files if any(exit_files) else None,
+        attempt_files=attempt_files if any(attempt_files) else None,
     )
     write_atomic(script, text.encode())
     script.chmod(0o755)
@@ -274,3 +302,34 @@ def sbatch_submit(script: Path) -> str:
     if proc.returncode != 0:
         raise ConfigError("", f"sbatch {script} failed: {proc.stderr.strip() or proc.stdout}")
     return proc.stdout.strip().split(";")[0]
+
+
+def active_jobs(job_ids: set[str] | list[str]) -> dict[str, str]:
+    """{job or array task id: state} of the given jobs' tasks that squeue still lists
+    (queued, running, completing, requeued); a finished, cancelled or forgotten job is absent.
+    Array tasks are listed one by one (`JOB_i`), a plain job as `JOB`. A squeue that fails
+    otherwise is a ConfigError: then nobody can tell whether the jobs are alive."""
+    ids = sorted({str(j).split("_")[0] for j in job_ids})
+    if not ids:
+        return {}
+    try:
+        proc = subprocess.run(
+            ["squeue", "--noheader", "--array", "--format=%i %T", f"--jobs={','.join(ids)}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except FileNotFoundError:
+        raise ConfigError("", "squeue is not on PATH: is this a Slurm login node?") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError("", "squeue did not answer within 120 s") from None
+    if proc.returncode != 0:
+        if "invalid job id" in proc.stderr.lower():  # every one of them is long gone
+            return {}
+        raise ConfigError("", f"squeue failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    out = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            out[parts[0]] = parts[1]
+    return out

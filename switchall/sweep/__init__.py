@@ -3,5 +3,6 @@
 `spec` reads the sweep file and expands it into points; `matching` solves the head width and
 expert counts that parameter-match each SwitchHead / SwitchAll point to its dense point (spec
 §1.5); `plan` validates and counts every point before anything runs; `runner` runs them through
-a backend (local subprocesses today) and resumes them; `results` writes `results.csv` / `.json`.
+a backend (local subprocesses) and resumes them; `slurm` submits them as one Slurm job array
+and reports their state; `results` writes `results.csv` / `.json`.
 """

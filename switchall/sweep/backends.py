@@ -2,9 +2,11 @@
 
 The runner turns points into run directories and one command per point (`PointJob`); a backend
 runs the commands and records each one's exit code in `job.exit_file`. `LocalBackend` runs them
-as subprocesses on this machine, N at a time. A Slurm job array is a second implementation of
-the same interface: one array task per job, each running `job.command` with `job.env`, its
-output appended to `job.log` and `$?` written to `job.exit_file`, after which the runner reads
+as subprocesses on this machine, N at a time.
+
+Slurm is not a `Backend`: a job array outlives the command that submits it, so nobody is there
+to call `on_done`. `sweep.slurm` submits the same points (same run directories) through the
+launcher, whose array task writes `exit_file` and the attempt line itself; the runner then reads
 the run directories exactly as it does for local points.
 """
 

@@ -6,12 +6,16 @@ Layout of `--out DIR`:
   config hash and counts), `train.log` (every attempt's output), `exit_code` (the last
   attempt's) and `attempts.jsonl` (start, seconds and exit code of each attempt);
 - `DIR/results.csv`, `DIR/results.json`: one row per point, rewritten after every point.
+With `--slurm` (`sweep.slurm`) the points train in the same directories as a job array; each
+then also holds `slurm_job.json` (the job that holds it) and the job's logs in `logs/`.
 
 Resuming is read off the run directories: a point whose final checkpoint exists is done and
 skipped; one with an earlier checkpoint (killed sweep, killed node) continues from it through
-the trainer's `--resume`; one whose last attempt exited non-zero is failed, reported with its
-log, and run again only with `--retry-failed`. A point's config hash is checked against the
-plan, so an edited sweep file never resumes a run with another config.
+the trainer's `--resume`, as does one whose last attempt was stopped by a signal after a
+checkpoint (exit code 3); one whose last attempt exited otherwise non-zero is failed, reported
+with its log, and run again only with `--retry-failed`. A point that a queued or running Slurm
+job holds is left to it. A point's config hash is checked against the plan, so an edited sweep
+file never resumes a run with another config.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from switchall.config import dump_run_config
 from switchall.configtools import ConfigError
 from switchall.fileio import write_atomic
 from switchall.pretrain.checkpoint import CheckpointManager
+from switchall.pretrain.control import EXIT_STOPPED
 from switchall.sweep.backends import Backend, PointJob
 from switchall.sweep.plan import PlannedPoint
 from switchall.sweep.results import write_results
@@ -47,8 +52,7 @@ def point_state(out: Path, p: PlannedPoint) -> str:
     steps = CheckpointManager(d / "checkpoints").complete()
     if steps and steps[-1][0] >= p.cfg.train.steps:
         return "done"
-    exit_file = d / "exit_code"
-    if exit_file.is_file() and exit_file.read_text().strip() not in ("", "0"):
+    if exit_code(out, p.name) not in (None, 0, EXIT_STOPPED):
         return "failed"
     return "interrupted" if steps else "pending"
 
@@ -56,9 +60,13 @@ def point_state(out: Path, p: PlannedPoint) -> str:
 def exit_code(out: Path, name: str) -> int | None:
     f = point_dir(out, name) / "exit_code"
     try:
-        return int(f.read_text().strip())
-    except (OSError, ValueError):
+        text = f.read_text().strip()
+    except OSError:
         return None
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return -1  # not written by us: not a success
 
 
 @contextmanager
@@ -87,12 +95,31 @@ def _check_hash(out: Path, p: PlannedPoint) -> None:
         )
 
 
-def make_job(out: Path, p: PlannedPoint) -> PointJob:
+def check_valid(points: list[PlannedPoint]) -> None:
+    invalid = [p for p in points if not p.valid]
+    if invalid:
+        raise ConfigError(
+            "sweep", "invalid points: " + "; ".join(f"{p.name}: {p.error}" for p in invalid)
+        )
+
+
+def prepare_point(out: Path, p: PlannedPoint) -> Path:
+    """The point's run directory with `planned.yaml` (the config it trains) and `point.json`."""
     d = point_dir(out, p.name)
     d.mkdir(parents=True, exist_ok=True)
     dump_run_config(p.cfg, d / "planned.yaml")
     meta = {"name": p.name, "config_hash": p.config_hash, **p.row()}
     write_atomic(d / "point.json", json.dumps(meta, indent=1).encode())
+    return d
+
+
+def check_hashes(out: Path, points: list[PlannedPoint]) -> None:
+    for p in points:
+        _check_hash(out, p)
+
+
+def make_job(out: Path, p: PlannedPoint) -> PointJob:
+    d = prepare_point(out, p)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     # --resume also starts a point that has no checkpoint yet (the trainer says so).
@@ -109,7 +136,7 @@ def make_job(out: Path, p: PlannedPoint) -> PointJob:
     return PointJob(p.name, d, command, env, d / "train.log", d / "exit_code")
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -124,19 +151,19 @@ def run_sweep(
     log=print,
 ) -> dict[str, list[str]]:
     """Run what is left of the sweep; returns point names by final state."""
-    invalid = [p for p in points if not p.valid]
-    if invalid:
-        raise ConfigError(
-            "sweep", "invalid points: " + "; ".join(f"{p.name}: {p.error}" for p in invalid)
-        )
+    from switchall.sweep.slurm import held_points
+
+    check_valid(points)
     with sweep_lock(out):
-        for p in points:
-            _check_hash(out, p)
+        check_hashes(out, points)
         states = {p.name: point_state(out, p) for p in points}
+        held = held_points(out, points, missing_ok=True)
         todo = []
         for p in points:
             s = states[p.name]
-            if s == "done":
+            if p.name in held:
+                log(f"{p.name}: {held[p.name].describe()}; left to it")
+            elif s == "done":
                 log(f"{p.name}: done, skipped")
             elif s == "failed" and not retry_failed:
                 log(
@@ -161,11 +188,11 @@ def run_sweep(
             state = point_state(out, by_name[job.name])
             if code == 0 and state == "done":
                 log(f"{job.name}: done in {seconds:.0f} s")
-            elif code == 0:
+            elif code in (0, EXIT_STOPPED):
                 log(f"{job.name}: stopped at a checkpoint after {seconds:.0f} s; resumes next run")
             else:
                 log(f"{job.name}: FAILED (exit code {code}) after {seconds:.0f} s; log {job.log}:")
-                log("    " + _tail(job.log).replace("\n", "\n    "))
+                log("    " + tail(job.log).replace("\n", "\n    "))
             write_results(out, points, point_state)
 
         backend.run([make_job(out, p) for p in todo], on_done)
