@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from switchall.models.attention import DenseAttention
 from switchall.models.config import ModelConfig
@@ -68,6 +69,9 @@ class LanguageModel(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.drop = nn.Dropout(cfg.dropout)
+        self.activation_checkpointing = False
+        """Recompute each block in backward instead of keeping its activations (the trainer's
+        `train.activation_checkpointing`; not part of the model config or its checkpoints)."""
         self.reset_parameters()
 
     @torch.no_grad()
@@ -93,7 +97,13 @@ class LanguageModel(nn.Module):
             if new_memory is not None:
                 ctx = x_BTD if mem_BMD is None else torch.cat([mem_BMD.to(x_BTD.dtype), x_BTD], 1)
                 new_memory.append(ctx[:, -mem_len:].detach())
-            x_BTD, block_aux = block(x_BTD, mem_BMD, noise)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: the recomputation replays the block under the same RNG state
+                # (nn.Dropout), and expert dropout is a hash of (noise seed, row, expert), so
+                # the routing it recomputes is the routing of the forward.
+                x_BTD, block_aux = checkpoint(block, x_BTD, mem_BMD, noise, use_reentrant=False)
+            else:
+                x_BTD, block_aux = block(x_BTD, mem_BMD, noise)
             if block_aux is not None:
                 aux = aux + block_aux
         logits_BTV = self.output(self.drop(self.ln_f(x_BTD)))

@@ -28,6 +28,7 @@ from switchall.pretrain.metrics import MetricsLogger, format_duration
 from switchall.pretrain.runtime import Runtime
 from switchall.pretrain.schedule import lr_at
 from switchall.pretrain.setup import RunSetup
+from switchall.pretrain.speed import apply_speed_options
 
 
 class Trainer:
@@ -40,6 +41,7 @@ class Trainer:
         random.seed(cfg.train.seed)
         model = build_model(cfg.model).to(self.device)
         self.model = runtime.parallelize(model)
+        apply_speed_options(model, cfg.train)  # in place: parallelize kept the LanguageModel
         self.engine = runtime.build_engine(
             self.model, cfg.optim, cfg.train.steps, fp16=self.amp_dtype == torch.float16
         )

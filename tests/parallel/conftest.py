@@ -151,6 +151,17 @@ def two_ranks(dataset, tmp_path_factory) -> tuple[dict, Path]:
             transformer_case, "transformer_z3", dataset, "parallel.zero_stage=3", steps=6, stop=3
         ),
         switchall_case("dispatch", dataset, "parallel.expert=2", kind="dispatch"),
+        # train.compile (Dynamo capture only: the cheap backend) and activation checkpointing
+        # under the distributed runtime, all-to-alls inside the recomputed blocks.
+        switchall_case(
+            "ep2_z1_compile_ac",
+            dataset,
+            "parallel.expert=2",
+            "parallel.zero_stage=1",
+            "train.compile=true",
+            "train.compile_backend=eager",
+            "train.activation_checkpointing=true",
+        ),
     ]
     next(c for c in cases if c["name"] == "ep2_z2")["dump_experts"] = True
     return run_cases(2, cases, out, timeout=240), out
