@@ -21,7 +21,12 @@ from switchall.models.config import ModelConfig
 from switchall.models.init import dense_std, normal_
 from switchall.models.mlp import DenseMLP
 from switchall.models.routing import NoiseContext
-from switchall.models.sigma_moe import SigmaMoE
+from switchall.models.sigma_moe import (
+    RegulariserStats,
+    SigmaMoE,
+    StatsReducer,
+    reduce_regularisers,
+)
 from switchall.models.switchhead import SwitchHeadAttention
 
 
@@ -72,7 +77,15 @@ class LanguageModel(nn.Module):
         self.activation_checkpointing = False
         """Recompute each block in backward instead of keeping its activations (the trainer's
         `train.activation_checkpointing`; not part of the model config or its checkpoints)."""
+        self.stats_reducer: StatsReducer | None = None
         self.reset_parameters()
+
+    def set_stats_reducer(self, reducer: StatsReducer | None) -> None:
+        """Sum the σ-MoE regularisers' statistics with `reducer`, all layers in one call."""
+        self.stats_reducer = reducer
+        for m in self.modules():
+            if isinstance(m, SigmaMoE):
+                m.defer_regulariser = reducer is not None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -92,6 +105,7 @@ class LanguageModel(nn.Module):
         x_BTD = self.drop(self.embedding(tokens_BT))
         new_memory: list[torch.Tensor] | None = [] if mem_len > 0 else None
         aux = x_BTD.new_zeros((), dtype=torch.float32)
+        deferred: list[RegulariserStats] = []
         for i, block in enumerate(self.blocks):
             mem_BMD = memory[i] if memory is not None else None
             if new_memory is not None:
@@ -104,8 +118,12 @@ class LanguageModel(nn.Module):
                 x_BTD, block_aux = checkpoint(block, x_BTD, mem_BMD, noise, use_reentrant=False)
             else:
                 x_BTD, block_aux = block(x_BTD, mem_BMD, noise)
-            if block_aux is not None:
+            if isinstance(block_aux, RegulariserStats):
+                deferred.append(block_aux)
+            elif block_aux is not None:
                 aux = aux + block_aux
+        for reg in reduce_regularisers(deferred, self.stats_reducer) if deferred else []:
+            aux = aux + reg  # layer order, as the per-layer sums above
         logits_BTV = self.output(self.drop(self.ln_f(x_BTD)))
         return LMOutput(logits_BTV, new_memory, aux)
 
