@@ -6,8 +6,10 @@ I = d_in, O = d_out, S slots per gated output row.
 - `v1_loop_scatter`: the CPU backend as it was before issue 12 (its algorithm, for fp32), kept
   here as the benchmark's baseline: one matmul per expert, `index_copy` / `index_add` scatters
   back, the same hand-written backward.
-- `loop_gather`: today's backend with its per-expert matmul loop (`gemm="loop"`, what fp64 and
-  unaligned widths use): isolates what `grouped_mm` buys from what the gathers buy.
+- `loop_gather`, `sorted_grouped_mm`, `dense_all_experts`: today's backend with each of its
+  paths forced (`gemm=` "loop": fp64 and unaligned widths; "grouped_mm": the sorted rows in
+  one F.grouped_mm; "dense": every expert in one wide matmul, cvmm_torch_dense.py). The
+  backend's `cvmm_torch` row is what `gemm="auto"` picks from them.
 - `grouped_mm_autograd`: gather, `F.grouped_mm`, `index_add`, differentiated by autograd.
 - `bmm_padded`: sort once, pad every expert's rows to the largest count, one `torch.bmm`,
   differentiated by autograd (padding costs max_count * E - M extra rows).
@@ -104,14 +106,20 @@ def v1_loop_scatter(x, sel, w, gates):
     return _hand_written(x, sel, w, gates, _v1_forward, _v1_backward)
 
 
-def loop_gather(x, sel, w, gates):
-    def fwd(*args):
-        return torch_forward(*args, gemm="loop")
+def backend_path(gemm: str):
+    """Today's torch backend with its matmul path forced (`gemm` of cvmm_torch.py)."""
 
-    def bwd(*args):
-        return torch_backward(*args, True, True, args[5] is not None, gemm="loop")
+    def run(x, sel, w, gates):
+        def fwd(*args):
+            return torch_forward(*args, gemm=gemm, sorted_expert_M=sel.sorted_expert_M)
 
-    return _hand_written(x, sel, w, gates, fwd, bwd)
+        def bwd(*args):
+            needs = (True, True, args[5] is not None)
+            return torch_backward(*args, *needs, gemm=gemm, sorted_expert_M=sel.sorted_expert_M)
+
+        return _hand_written(x, sel, w, gates, fwd, bwd)
+
+    return run
 
 
 # ------------------------------------------------------------------ autograd compositions
@@ -149,7 +157,9 @@ def bmm_padded(x, sel, w, gates):
 
 CPU_CANDIDATES = {
     "v1_loop_scatter": v1_loop_scatter,
-    "loop_gather": loop_gather,
+    "loop_gather": backend_path("loop"),
+    "sorted_grouped_mm": backend_path("grouped_mm"),
+    "dense_all_experts": backend_path("dense"),
     "grouped_mm_autograd": grouped_mm_autograd,
     "bmm_padded": bmm_padded,
 }

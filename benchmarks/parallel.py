@@ -129,16 +129,20 @@ def run_worker_case(case: dict) -> dict:
         for step in range(case["warmup"]):
             trainer.step = step
             trainer.train_step(next(batches))
-        times = []
+        times, cpu_times = [], []
         with _collective_profile(case.get("profile") and distributed) as collectives:
             for step in range(case["warmup"], case["warmup"] + case["steps"]):
                 sync()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 trainer.step = step
                 trainer.train_step(next(batches))
+                cpu_times.append(time.process_time() - cpu_start)
                 sync()
                 times.append(time.perf_counter() - start)
-        result = {"step_time": statistics.median(times), "times": times}
+        # CPU time: the work of the step on this rank, without the time spent blocked waiting
+        # for the other rank or for the core (load on a shared machine).
+        result = {"step_time": statistics.median(times), "times": times,
+                  "cpu_time": statistics.median(cpu_times)}  # fmt: skip
         if collectives:
             result["collectives"] = {
                 k: v / case["steps"] for k, v in collectives.items()
@@ -261,11 +265,15 @@ def cpu(args) -> None:
         results.update(_launch(nproc, cases, work))
     t1 = results[CPU_CASES[0][0]]["step_time"]
     print(f"per-rank batch {args.per_rank_batch} x {64} tokens, median of {args.steps} steps\n")
-    print("| layout | processes | step time (s) | weak-scaling efficiency vs DP=1 |")
-    print("|---|---:|---:|---:|")
+    c1 = results[CPU_CASES[0][0]]["cpu_time"]
+    print(
+        "| layout | processes | step time (s) | weak-scaling efficiency vs DP=1 | "
+        "CPU s/step (rank 0) | CPU time vs DP=1 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for name, nproc, _ in CPU_CASES:
-        t = results[name]["step_time"]
-        print(f"| {name} | {max(nproc, 1)} | {t:.3f} | {t1 / t:.0%} |")
+        t, c = results[name]["step_time"], results[name]["cpu_time"]
+        print(f"| {name} | {max(nproc, 1)} | {t:.3f} | {t1 / t:.0%} | {c:.3f} | {c / c1:.2f} |")
     print(
         "\n| layout | all-to-all bytes/step (all ranks) | uniform-routing estimate | "
         "DeepSpeed collective payload bytes/step (rank 0) | params dense / expert (rank 0) |"

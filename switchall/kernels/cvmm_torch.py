@@ -30,9 +30,18 @@ import math
 import torch
 import torch.nn.functional as F
 
+from switchall.kernels.cvmm_torch_dense import (
+    DENSE_DTYPES,
+    dense_backward,
+    dense_forward,
+    dense_layout,
+)
 from switchall.kernels.selection import CVMMSelection, row_layout
 
-GEMMS = ("auto", "grouped_mm", "loop")
+GEMMS = ("auto", "dense", "grouped_mm", "loop")
+DENSE_MAX_FLOP_FACTOR = 2.0
+"""`gemm="auto"` computes every expert densely (cvmm_torch_dense.py) when that costs at most
+this many times the routed FLOPs (SwitchHead's V and O in every paper config), fp32 / fp64."""
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -50,10 +59,30 @@ def grouped_mm_supported(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _use_grouped_mm(gemm: str, *tensors: torch.Tensor) -> bool:
+def _dense_plan(gemm, x_rows, weight_EIO, order_M, gates_M, k, num_out_rows) -> str | None:
+    """The dense layout to use ("expand" / "combine"), or None for the sorted path."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
-    if gemm == "loop":
+    if gemm not in ("auto", "dense"):
+        return None
+    slots = order_M.numel() // num_out_rows if gates_M is not None and num_out_rows else None
+    layout, factor = dense_layout(weight_EIO.shape[0], k, slots, *weight_EIO.shape[1:])
+    if gemm == "dense":
+        return layout
+    dense_ok = x_rows.dtype in DENSE_DTYPES and weight_EIO.dtype == x_rows.dtype
+    return layout if dense_ok and factor <= DENSE_MAX_FLOP_FACTOR else None
+
+
+def _ids(order_M, sorted_expert_M, offsets_E1) -> torch.Tensor:
+    """Each assignment's expert id in the caller's order."""
+    if sorted_expert_M is None:
+        counts = offsets_E1[1:] - offsets_E1[:-1]
+        sorted_expert_M = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    return torch.empty_like(order_M).scatter_(0, order_M, sorted_expert_M)
+
+
+def _use_grouped_mm(gemm: str, *tensors: torch.Tensor) -> bool:
+    if gemm in ("loop", "dense"):
         return False
     supported = grouped_mm_supported(*tensors)
     if gemm == "grouped_mm" and not supported:
@@ -123,8 +152,13 @@ def torch_forward(
     k: int,
     num_out_rows: int,
     gemm: str = "auto",
+    sorted_expert_M: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`[M, O]` per-slot outputs, or with flat gates `[M]` the gated sums `[num_out_rows, O]`."""
+    dense = _dense_plan(gemm, x_rows, weight_EIO, order_M, gates_M, k, num_out_rows)
+    if dense:
+        ids_M = _ids(order_M, sorted_expert_M, offsets_E1)
+        return dense_forward(x_rows, weight_EIO, ids_M, gates_M, k, num_out_rows, dense)
     y_MO = _expert_mm(x_rows.index_select(0, order_M // k), weight_EIO, offsets_E1, gemm)
     inverse_M = inverse_order(order_M)
     if gates_M is None:
@@ -146,6 +180,7 @@ def torch_backward(
     need_w: bool,
     need_gates: bool,
     gemm: str = "auto",
+    sorted_expert_M: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `torch_forward` in x rows, weight and flat gates (None where not needed).
 
@@ -154,6 +189,11 @@ def torch_backward(
       grad_W[e] += x[i]^T (g * grad_out[r]);  t = grad_out[r] @ W_e^T;
       grad_x[i] += g * t;  grad_g[slot] = x[i] . t.
     """
+    dense = _dense_plan(gemm, x_rows, weight_EIO, order_M, gates_M, k, num_out_rows)
+    if dense:
+        ids_M = _ids(order_M, sorted_expert_M, offsets_E1)
+        return dense_backward(grad_out, x_rows, weight_EIO, ids_M, gates_M, k, num_out_rows,
+                              need_x, need_w, need_gates, dense)  # fmt: skip
     acc = _accumulation_dtype(x_rows.dtype)
     num_assignments = order_M.numel()
     if gates_M is None:

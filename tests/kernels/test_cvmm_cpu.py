@@ -1,6 +1,6 @@
-"""The CPU backend's two matmul paths (`F.grouped_mm` and the per-expert loop) against the float64
-oracle: forward and the hand-written backward (every gradient), each call form, awkward shapes,
-and which path `gemm="auto"` takes."""
+"""The CPU backend's matmul paths (`F.grouped_mm` over sorted rows, the per-expert loop, and every
+expert densely) against the float64 oracle: forward and the hand-written backward (every
+gradient), each call form, awkward shapes, and which path `gemm="auto"` takes."""
 
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def _fn(gemm: str):
 
 def _gemms(case, dtype) -> list[str]:
     x, _, w, _ = make_inputs(case, dtype)
-    return ["loop"] + (["grouped_mm"] if ct.grouped_mm_supported(x, w) else [])
+    dense = ["dense"] if dtype in (torch.float32, torch.float64) else []
+    return ["loop", *dense] + (["grouped_mm"] if ct.grouped_mm_supported(x, w) else [])
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["slots", "gated"])
@@ -112,6 +113,27 @@ def test_grouped_mm_half_precision(case_name, dtype):
         want = reference_with_grads(x, idx, w, g, cot)
         for name, got, ref in zip(NAMES, results, want, strict=False):
             assert_close_scaled(got, ref, TOLERANCE[dtype], f"{dtype} {name}")
+
+
+def test_dense_layouts_and_the_auto_rule():
+    """Every expert densely where that costs <= 2x the routed FLOPs: SwitchHead's V (expand:
+    each token row against every expert) and O (combine: inputs summed per expert first);
+    the sorted path for the sigma-MoE matmuls (E / K = 4)."""
+    from switchall.kernels.cvmm_torch_dense import dense_layout
+
+    # (experts, slots per input row, slots per output row or None, d_in, d_out)
+    assert dense_layout(8, 4, 2, 128, 28) == ("expand", 2.0)  # demo V: 2 heads x top-2 of 4
+    assert dense_layout(8, 2, 4, 28, 128) == ("combine", 2.0)  # demo O
+    assert dense_layout(10, 6, 3, 412, 76) == ("expand", 10 / 6)  # C4 47M V
+    assert dense_layout(16, 4, None, 128, 32)[1] == 4.0  # sigma-MoE W1: sorted
+    assert dense_layout(16, 1, 4, 32, 128) == ("combine", 4.0)  # sigma-MoE W2: sorted
+    # x [40, 4 heads, 28], 8 experts, 2 per row: 8 slots per output row, factor 1: combine.
+    x, idx, w, gates = make_inputs(CASE_BY_NAME["R_heads_oproj"])
+    sel = cvmm_prepare(idx, w.shape[0])
+    rows = x.reshape(-1, x.shape[-1])
+    assert ct._dense_plan("auto", rows, w, sel.order_M, gates.reshape(-1), 2, 40) == "combine"
+    assert ct._dense_plan("auto", rows.bfloat16(), w.bfloat16(), sel.order_M, None, 2, 40) is None
+    assert ct._dense_plan("grouped_mm", rows, w, sel.order_M, gates.reshape(-1), 2, 40) is None
 
 
 def test_auto_takes_grouped_mm_where_it_can(monkeypatch):
