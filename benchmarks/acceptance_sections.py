@@ -159,6 +159,9 @@ def attention_pair(item: str, smoke: bool, budget_s: float) -> list[dict]:
     torch.manual_seed(0)
     dense = bench.bench_layer(dense_cfg, batch, seq_len, device, dtype, iters)
     moe = bench.bench_layer(moe_cfg, batch, seq_len, device, dtype, iters)
+    if not cuda:
+        ms = bench.paired_cpu_ms({"d": dense["step"], "m": moe["step"]}, iters, time.perf_counter)
+        dense["ms"], moe["ms"] = ms["d"], ms["m"]
     key = "peak" if cuda else "saved"
     rows = []
     for label, r in (("dense", dense), ("SwitchHead", moe)):

@@ -2,7 +2,8 @@
 
     python benchmarks/step_time.py                          # the demo models, 2 threads, fp32
     python benchmarks/step_time.py --pair c4_47m            # the 47M C4 configs (batch 2)
-    python benchmarks/step_time.py --pair demo --profile    # where the time of a step goes
+    python benchmarks/step_time.py --pair demo --profile    # torch.profiler table of a step
+    python benchmarks/step_time.py --breakdown --threads 1 --clock cpu   # per phase and module
 
 Every model is a real `Trainer` (forward, cross-entropy, backward, clipping, AdamW: exactly
 `Trainer.train_step`) on the same prepared dataset (default `data/stdlib`, which `make demo`
@@ -54,7 +55,9 @@ def ensure_data(path: Path) -> Path:
     return path
 
 
-def build_trainers(configs, data: Path, batch: int | None, extra: list[str], work: Path):
+def build_trainers(
+    configs, data: Path, batch: int | None, extra: list[str], work: Path, compiled: bool = False
+):
     import torch
 
     from switchall.config import load_run_config
@@ -66,9 +69,12 @@ def build_trainers(configs, data: Path, batch: int | None, extra: list[str], wor
         overrides.append(f"train.batch_size={batch}")
     trainers = {}
     for config in configs:
-        cfg = load_run_config(REPO / config, overrides)
-        name = Path(config).stem
-        trainers[name] = Trainer(cfg, work / name, LocalRuntime(torch.device("cpu")))
+        for suffix, more in [("", [])] + (
+            [("+compile", ["train.compile=true"])] if compiled else []
+        ):
+            cfg = load_run_config(REPO / config, [*overrides, *more])
+            name = Path(config).stem + suffix
+            trainers[name] = Trainer(cfg, work / name, LocalRuntime(torch.device("cpu")))
     return trainers
 
 
@@ -97,6 +103,60 @@ def interleaved(
     return times
 
 
+PHASES = ("forward", "loss", "backward", "optimizer", "step")
+
+
+def breakdown(trainers: dict, steps: int, clock: str) -> None:
+    """Where a step's time goes: forward (by module), loss, backward, optimiser; interleaved.
+
+    Forward times per module come from forward pre/post hooks (a module's time includes its
+    children's); backward and optimiser are not split further."""
+    import collections
+
+    import torch.nn.functional as F
+
+    now = CLOCKS[clock]
+    spans: dict[str, collections.defaultdict] = {}
+    for name, tr in trainers.items():
+        acc = spans[name] = collections.defaultdict(list)
+        for mname, m in tr.model.named_modules():
+            parts = mname.split(".")
+            if not mname or len(parts) > 4 or "drop" in parts[-1]:
+                continue
+            key = ".".join(p for p in parts if not p.isdigit() and p != "blocks") or "blocks"
+            start = {}
+            m.register_forward_pre_hook(lambda *_, s=start: s.__setitem__("t", now()))
+            m.register_forward_hook(lambda *_, s=start, k=key, a=acc: a[k].append(now() - s["t"]))
+    batches = {name: iter(tr.loader) for name, tr in trainers.items()}
+    phases = {name: collections.defaultdict(list) for name in trainers}
+    for step in range(steps + 2):
+        for name, tr in trainers.items():
+            if step == 2:
+                spans[name].clear()
+            batch = next(batches[name])
+            t0 = now()
+            out = tr.model(batch[:, :-1], tr.memory[0])
+            t1 = now()
+            lm = F.cross_entropy(out.logits_BTV.float().flatten(0, 1), batch[:, 1:].flatten())
+            t2 = now()
+            tr.engine.backward(lm + out.aux_loss)
+            t3 = now()
+            tr.engine.step(tr.step)
+            t4 = now()
+            tr.memory[0], tr.step = out.memory, tr.step + 1
+            if step >= 2:
+                times = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)
+                for k, v in zip(PHASES, times, strict=True):
+                    phases[name][k].append(v)
+    print(f"# ms per step ({clock} clock, mean of {steps} interleaved steps)")
+    for name in trainers:
+        ph = {k: sum(v) / len(v) * 1e3 for k, v in phases[name].items()}
+        mods = {k: sum(v) / steps * 1e3 for k, v in spans[name].items()}
+        print(f"\n## {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
+        by_time = sorted(mods.items(), key=lambda kv: -kv[1])
+        print("forward by module: " + ", ".join(f"{k} {v:.1f}" for k, v in by_time))
+
+
 def profile(trainers: dict, steps: int, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -122,6 +182,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clock", choices=list(CLOCKS), default="wall")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table instead")
+    p.add_argument("--breakdown", action="store_true", help="time per phase and module instead")
+    p.add_argument("--compile-speedup", action="store_true",
+                   help="each model also with train.compile=true, interleaved")  # fmt: skip
     p.add_argument("--json", help="also write the raw step times here")
     p.add_argument(
         "overrides", nargs="*", help="overrides for every model, e.g. train.compile=true"
@@ -135,9 +198,14 @@ def main() -> None:
     batch = args.batch_size or DEFAULT_BATCH[args.pair]
     configs = PAIRS[args.pair]
     with tempfile.TemporaryDirectory() as work:
-        trainers = build_trainers(configs, data, batch, args.overrides, Path(work))
+        trainers = build_trainers(
+            configs, data, batch, args.overrides, Path(work), args.compile_speedup
+        )
         if args.profile:
             profile(trainers, steps=3, rows=30)
+            return
+        if args.breakdown:
+            breakdown(trainers, args.steps, args.clock)
             return
         times = interleaved(trainers, args.warmup, args.steps, args.clock)
     dense = Path(configs[0]).stem
@@ -161,6 +229,12 @@ def main() -> None:
             f"| {name} | {params / 1e6:.2f}M | {tokens[name]:,} | {med:.4f} | {ratio:.2f} | "
             f"{paired:.2f} |"
         )
+    if args.compile_speedup:
+        print("\n| model | eager step (s) | compiled step (s) | speed-up |")
+        print("|---|---:|---:|---:|")
+        for name in (n for n in trainers if not n.endswith("+compile")):
+            eager, comp = (statistics.median(times[n]) for n in (name, f"{name}+compile"))
+            print(f"| {name} | {eager:.4f} | {comp:.4f} | {eager / comp:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(times, indent=1))
 

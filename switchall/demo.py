@@ -76,6 +76,20 @@ def train_one(config: str, run_dir: Path, overrides: list[str]) -> dict:
     }
 
 
+def machine() -> str:
+    """One line naming what the figures were measured on, to paste next to the table."""
+    import os
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
+    return (
+        f"{device}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+
+
 def print_table(rows: dict[str, dict]) -> None:
     names = list(rows)
     lines = [
@@ -93,6 +107,9 @@ def print_table(rows: dict[str, dict]) -> None:
     print(f"{'':<{width}}  " + "  ".join(f"{n:>{col}}" for n in names))
     for label, fmt in lines:
         print(f"{label:<{width}}  " + "  ".join(f"{fmt(rows[n]):>{col}}" for n in names))
+    print(
+        f"\n(step time and tokens/s: totals over the logging windows after the first; {machine()})"
+    )
     print()
 
 
