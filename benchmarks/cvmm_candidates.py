@@ -10,7 +10,8 @@ I = d_in, O = d_out, S slots per gated output row.
   paths forced (`gemm=` "loop": fp64 and unaligned widths; "grouped_mm": the sorted rows in
   one F.grouped_mm; "dense": every expert in one wide matmul, cvmm_torch_dense.py). The
   backend's `cvmm_torch` row is what `gemm="auto"` picks from them.
-- `grouped_mm_autograd`: gather, `F.grouped_mm`, `index_add`, differentiated by autograd.
+- `grouped_mm_autograd`: gather, `F.grouped_mm`, `index_add`, differentiated by autograd
+  (benchmarks/cvmm.py's `grouped_mm` row, on CPU and CUDA).
 - `bmm_padded`: sort once, pad every expert's rows to the largest count, one `torch.bmm`,
   differentiated by autograd (padding costs max_count * E - M extra rows).
 """
@@ -160,6 +161,5 @@ CPU_CANDIDATES = {
     "loop_gather": backend_path("loop"),
     "sorted_grouped_mm": backend_path("grouped_mm"),
     "dense_all_experts": backend_path("dense"),
-    "grouped_mm_autograd": grouped_mm_autograd,
     "bmm_padded": bmm_padded,
 }

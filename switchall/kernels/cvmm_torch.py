@@ -1,19 +1,22 @@
-"""PyTorch implementation of CVMM (the CPU backend): gather rows in expert order, one grouped
-matmul over all experts, and gathers (never scatters) back to the caller's layout.
+"""PyTorch implementation of CVMM (the CPU backend; on CUDA tensors only the tests' oracle).
 
 Legend: N logical rows, R input rows per logical row, k slots per input row, S = R*k slots per
 logical row, M = N*R*k assignments, E experts, I = d_in, O = d_out. Sums over several slots are
 taken in fp32 (fp64 for fp64 inputs, which only this backend accepts) and rounded once, as the
 Triton kernels do.
 
-How each step runs (chosen by measurement, `benchmarks/cvmm_cpu.py`, BENCHMARKS.md):
-- the expert matmuls: `torch.nn.functional.grouped_mm` over the rows sorted by expert (one call
-  for all experts; its CPU kernel takes fp32 / bf16 / fp16 with 16-byte aligned rows), else a
-  Python loop of one matmul per expert (fp64, unaligned widths). `gemm="loop"` forces the loop.
-- back to the caller's order: sorted position p of slot m is `inverse[m]`, so per-slot outputs
-  are one `index_select(inverse)`, and every sum over slots (the gated forward, grad x) is one
-  `embedding_bag(inverse.view(rows, slots), per_sample_weights=gates)`: a gather fused with the
-  weighted sum, where the first version's `index_add` scattered M rows one at a time.
+Three paths, `gemm="auto"` choosing per call by what measured fastest (`benchmarks/cvmm.py`,
+BENCHMARKS.md, issue 12):
+- "dense" (cvmm_torch_dense.py): every expert in one wide matmul, when that costs at most
+  `DENSE_MAX_FLOP_FACTOR` times the routed FLOPs (SwitchHead's V and O), fp32 / fp64;
+- "grouped_mm": the rows gathered in expert order, one `torch.nn.functional.grouped_mm` for
+  all experts (its CPU kernel takes fp32 / bf16 / fp16 with 16-byte aligned rows);
+- "loop": the same gathered rows, one matmul per expert (fp64, unaligned widths).
+Back to the caller's order the sorted paths only gather: sorted position p of slot m is
+`inverse[m]`, so per-slot outputs are one `index_select(inverse)`, and every sum over slots
+(the gated forward, grad x) is one `embedding_bag(inverse.view(rows, slots),
+per_sample_weights=gates)`, a gather fused with the weighted sum, where the first version's
+`index_add` scattered M rows one at a time.
 
 - `torch_forward` / `torch_backward`: the CPU backend of the `switchall::cvmm_*` custom ops,
   with a hand-written backward (no autograd inside the op).
@@ -77,7 +80,8 @@ def _ids(order_M, sorted_expert_M, offsets_E1) -> torch.Tensor:
     """Each assignment's expert id in the caller's order."""
     if sorted_expert_M is None:
         counts = offsets_E1[1:] - offsets_E1[:-1]
-        sorted_expert_M = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        experts = torch.arange(counts.numel(), device=counts.device)
+        sorted_expert_M = torch.repeat_interleave(experts, counts)
     return torch.empty_like(order_M).scatter_(0, order_M, sorted_expert_M)
 
 
