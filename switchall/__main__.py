@@ -1,5 +1,3 @@
-import sys
+from switchall.cli import run
 
-from switchall.cli import main
-
-sys.exit(main())
+run()

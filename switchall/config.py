@@ -71,4 +71,7 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
 
 
 def dump_run_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config; atomic, so a crash never leaves a torn config.yaml."""
+    from switchall.fileio import write_atomic
+
+    write_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())

@@ -8,6 +8,7 @@ goes into a fresh directory under runs/, so earlier demo runs are never overwrit
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -117,14 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default="data/stdlib", help="prepared dataset directory")
     p.add_argument("--runs", default="runs", help="parent of the demo's run directory")
+    p.add_argument(
+        "--prepare-args",
+        default="",
+        help="inputs and options for `switchall prepare` (default: the embedded corpus), "
+        'e.g. "corpus/ --val valid.txt --vocab-size 400"',
+    )
+    p.add_argument("--steps", type=int, help="train.steps of both runs")
     p.add_argument("overrides", nargs="*", help="overrides for both runs, e.g. train.steps=50")
     args = p.parse_args(argv)
 
-    print(f"== preparing the embedded corpus into {args.data}", flush=True)
-    if cli_main(["prepare", "--out", args.data]) != 0:
+    prepare_args = shlex.split(args.prepare_args)
+    what = " ".join(prepare_args) if prepare_args else "the embedded corpus"
+    print(f"== preparing {what} into {args.data}", flush=True)
+    if cli_main(["prepare", *prepare_args, "--out", args.data]) != 0:
         return 1
     root = Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S")
-    overrides = [f"data.path={args.data}", *args.overrides]
+    steps = [] if args.steps is None else [f"train.steps={args.steps}"]
+    overrides = [f"data.path={args.data}", *steps, *args.overrides]
     rows = {}
     for name, config in MODELS.items():
         print(f"\n== pretraining {name} ({config}) into {root / Path(config).stem}", flush=True)

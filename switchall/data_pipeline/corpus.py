@@ -81,6 +81,11 @@ def parse_input(text: str, split: str = "auto") -> InputSpec:
         if not weight > 0:
             raise DataError(f"input {text!r}: the weight must be > 0")
         return InputSpec(m.group(1), weight, split)
+    base, sep, weight = text.rpartition(":")
+    if sep and not os.path.exists(text) and (base == STDLIB or os.path.exists(base)):
+        raise DataError(
+            f"input {text!r}: {weight!r} is not a weight (a number > 0, e.g. {base}:0.5)"
+        )
     return InputSpec(text, 1.0, split)
 
 

@@ -31,6 +31,16 @@ GROUP_TOKENS = 1 << 18  # tokens per item passed from a DataLoader worker (sever
 MAX_GROUP = 32  # ...but not so many batches that tiny ones are built far ahead of their use
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM/SIGUSR1 to the trainer: Slurm and a terminal
+    signal the whole process group, and a worker killed by them would crash the run that is
+    trying to stop cleanly (the trainer shuts its workers down itself)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TokenLoader:
     """Token batches `[global_batch_size // dp_size, seq_len + 1]` (int64) from a prepared dataset.
 
@@ -151,6 +161,7 @@ class TokenLoader:
                 batch_size=None,
                 num_workers=self.num_workers,
                 prefetch_factor=2,
+                worker_init_fn=_ignore_stop_signals,
             )
             source = (batch_BT1 for group_GBT1 in groups for batch_BT1 in group_GBT1)
         for batch_BT1 in source:

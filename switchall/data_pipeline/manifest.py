@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,12 @@ from urllib.request import url2pathname
 FORMAT = "switchall.tokens"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.model"
+# The names `switchall prepare` writes; a manifest naming anything else is refused, since
+# names end up in paths, URLs and `pipe:` shell commands.
+SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+SHARD_NAME = "{split}-{index:06d}.tar"
+_SHARD_NAME = re.compile(r"^(?P<split>[a-z][a-z0-9_]{0,31})-(?P<index>\d{6})\.tar$")
 log = logging.getLogger("switchall.data")
 # curl gives up on a transfer that has sent under 1 byte/s for this long (a hung server).
 HTTP_STALL_SECONDS = 60
@@ -92,8 +99,15 @@ class Manifest:
 
 
 def resolve(location: str, name: str) -> str:
-    """The URL or path of file `name` of the dataset at `location`."""
+    """The URL or path of file `name` of the dataset at `location`.
+
+    In a `pipe:` template the name is shell-quoted: webdataset runs the command with a shell.
+    (Names from a manifest are also checked against the writer's patterns; this is the second
+    line of defence.)
+    """
     if "{}" in location:
+        if location.startswith("pipe:"):
+            name = shlex.quote(name)
         return location.replace("{}", name)
     if location.endswith(MANIFEST_NAME):
         return location[: -len(MANIFEST_NAME)] + name
@@ -204,6 +218,10 @@ def parse_manifest(raw: bytes, location: str) -> Manifest:
         raise DataError(f"{where}: field 'dtype' must be uint16 or uint32, got {dtype!r}")
     splits: dict[str, tuple[ShardInfo, ...]] = {}
     for split, entry in _need(tree, "splits", dict, where).items():
+        if not SPLIT_NAME.match(split):
+            raise DataError(f"{where}: bad split name {split!r} (expected e.g. 'train', 'val')")
+        if not isinstance(entry, dict):
+            raise DataError(f"{where} splits.{split}: expected an object")
         shards = []
         for i, s in enumerate(_need(entry, "shards", list, f"{where} splits.{split}")):
             at = f"{where} splits.{split}.shards[{i}]"
@@ -218,14 +236,23 @@ def parse_manifest(raw: bytes, location: str) -> Manifest:
                     sha256=_need(s, "sha256", str, at),
                 )
             )
-            if "/" in shards[-1].name or shards[-1].tokens <= 0:
-                raise DataError(f"{at}: bad shard name or token count")
+            m = _SHARD_NAME.match(shards[-1].name)
+            if not m or m["split"] != split or int(m["index"]) != i:
+                raise DataError(
+                    f"{at}: bad shard name {shards[-1].name!r} (this split's shard {i} is "
+                    f"{SHARD_NAME.format(split=split, index=i)!r})"
+                )
+            if shards[-1].tokens <= 0:
+                raise DataError(f"{at}: bad token count {shards[-1].tokens}")
         splits[split] = tuple(shards)
     tokenizer = dict(_need(tree, "tokenizer", dict, where))
     _need(tokenizer, "type", str, f"{where} tokenizer")
     _need(tokenizer, "sha256", str, f"{where} tokenizer")
     if tokenizer["type"] == "sentencepiece":
-        tokenizer["url"] = resolve(location, _need(tokenizer, "path", str, f"{where} tokenizer"))
+        path = _need(tokenizer, "path", str, f"{where} tokenizer")
+        if path != TOKENIZER_NAME:
+            raise DataError(f"{where} tokenizer: bad path {path!r} (expected {TOKENIZER_NAME!r})")
+        tokenizer["url"] = resolve(location, path)
     return Manifest(
         location=location,
         format_version=version,

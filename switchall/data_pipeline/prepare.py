@@ -188,10 +188,13 @@ def prepare(opts: PrepareOptions) -> dict:
         stale.unlink()  # half-written shards of an interrupted run
     state = json.loads((out / STATE_NAME).read_bytes()) if (out / STATE_NAME).exists() else {}
     if state and state.get("fingerprint") != fingerprint:
-        raise DataError(
-            f"{out} holds an interrupted prepare of other inputs or options (or the input files "
-            "changed since); rerun that command, or delete the directory"
-        )
+        if not state.get("failed"):
+            raise DataError(
+                f"{out} holds an interrupted prepare of other inputs or options (or the input "
+                "files changed since); rerun that command, or delete the directory"
+            )
+        _discard_failed(out, state)
+        state = {}
     text = TextOptions(opts.text_field, opts.encoding_errors)
     val_fraction = opts.val_fraction
 
@@ -206,7 +209,13 @@ def prepare(opts: PrepareOptions) -> dict:
         s: SplitWriter(out, s, opts.shard_tokens, tok.eod_id, state["splits"].get(s, {}))
         for s in SPLITS
     }
-    _run(opts, out, state, writers, tok, units(), text, specs, files)
+    try:
+        _run(opts, out, state, writers, tok, units(), text, specs, files)
+        _check_splits(writers, opts)
+    except Exception as e:  # an interrupted prepare (KeyboardInterrupt) stays resumable as is
+        # A failed one is marked, so that the corrected command may start over in this --out.
+        write_atomic(out / STATE_NAME, canonical_json({**state, "failed": str(e)[:500]}))
+        raise
 
     dtype = token_dtype(tok.vocab_size)
     tree = {
@@ -228,12 +237,45 @@ def prepare(opts: PrepareOptions) -> dict:
         },
         "source": {"request": request, "split_rule": "sha256(document name) < val_fraction"},
     }
-    if not tree["splits"]["train"]["shards"]:
-        raise DataError("the inputs produced no training tokens")
     write_atomic(out / MANIFEST_NAME, manifest_bytes(tree))
     for leftover in [out / STATE_NAME, *out.glob("pending-*.npy")]:
         leftover.unlink()
     return tree
+
+
+def _check_splits(writers: dict, opts: PrepareOptions) -> None:
+    """Refuse a dataset without training tokens and warn about one without validation tokens
+    (`switchall pretrain` needs both), naming the split and the fix."""
+    docs = {s: sum(x.documents for x in w.shards) for s, w in writers.items()}
+    if not writers["train"].shards:
+        raise DataError(
+            f"the training split is empty (all {docs['val']} documents went to validation); "
+            "give more inputs, or a smaller --val-fraction"
+        )
+    if not writers["val"].shards:
+        why = (
+            "--val-fraction 0"
+            if opts.val_fraction == 0
+            else f"none of the {docs['train']} documents fell in the --val-fraction "
+            f"{opts.val_fraction:g} of the hash split"
+        )
+        print(
+            f"warning: the validation split is empty ({why}); `switchall pretrain` needs one: "
+            "pass --val INPUT (held-out text) or a larger --val-fraction",
+            file=sys.stderr,
+        )
+
+
+def _discard_failed(out: Path, state: dict) -> None:
+    """Remove what a failed prepare into `out` left (its state, shards and pending tokens)."""
+    print(
+        f"note: {out} holds a failed prepare of other inputs or options ({state['failed']}); "
+        "starting over",
+        file=sys.stderr,
+    )
+    names = {s["name"] for split in state.get("splits", {}).values() for s in split["shards"]}
+    for path in [*(out / n for n in names), *out.glob("pending-*.npy"), out / STATE_NAME]:
+        path.unlink(missing_ok=True)
 
 
 def _tokenizer(opts, out: Path, state: dict, units, text: TextOptions):

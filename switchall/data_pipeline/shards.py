@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from switchall.data_pipeline.manifest import DataError, ShardInfo, fetch, is_local
+from switchall.data_pipeline.manifest import SHARD_NAME, DataError, ShardInfo, fetch, is_local
 from switchall.fileio import fsync_dir
 
 CHUNK_TOKENS = 1 << 16
@@ -55,7 +55,7 @@ def write_shard(directory: Path, split: str, index: int, tokens: np.ndarray) -> 
     """
     from webdataset import TarWriter
 
-    name = f"{split}-{index:06d}.tar"
+    name = SHARD_NAME.format(split=split, index=index)
     final, tmp = directory / name, directory / f"{name}.tmp"
     with open(tmp, "wb") as f:
         hashing = _HashingWriter(f)

@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from switchall.data_pipeline.manifest import DataError, Manifest, fetch, read_manifest
+from switchall.data_pipeline.manifest import (
+    TOKENIZER_NAME,
+    DataError,
+    Manifest,
+    fetch,
+    read_manifest,
+)
 
 BYTE_VOCAB = 256
 BYTE_EOD = 0
@@ -78,7 +85,7 @@ class SentencePieceTokenizer:
     def info(self) -> dict[str, Any]:
         info = {
             "type": "sentencepiece",
-            "path": "tokenizer.model",
+            "path": TOKENIZER_NAME,
             "sha256": self.sha256,
             "vocab_size": self.vocab_size,
         }
@@ -116,11 +123,26 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise DataError(
-            f"training the sentencepiece tokenizer failed: {e} "
-            "(a smaller --vocab-size or a larger --tokenizer-sample-mb may help)"
-        ) from None
+        hint = _hint(str(e))
+        raise DataError(f"training the sentencepiece tokenizer failed: {e} ({hint})") from None
     return SentencePieceTokenizer(model.getvalue(), "trained tokenizer", model_type)
+
+
+def _hint(message: str) -> str:
+    """What to change, in switchall's flags, for sentencepiece's two vocabulary errors."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", message)
+    if too_high:
+        return (
+            f"the text supports at most {too_high[2]} pieces: use --vocab-size {too_high[2]} "
+            "or less, or give it more text (more inputs, a larger --tokenizer-sample-mb)"
+        )
+    too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return (
+            f"the text has {too_low[2]} distinct characters and special pieces: use "
+            f"--vocab-size {too_low[2]} or more, or --tokenizer byte"
+        )
+    return "check --vocab-size and --tokenizer-sample-mb"
 
 
 def load_tokenizer(dataset: str | os.PathLike | Manifest) -> ByteTokenizer | SentencePieceTokenizer:

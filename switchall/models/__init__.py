@@ -2,6 +2,13 @@
 
 from switchall.models.config import AttentionConfig, MLPConfig, ModelConfig, MoEConfig
 from switchall.models.lm import LanguageModel, LMOutput, build_model
+from switchall.models.pretrained import (
+    PretrainedError,
+    load_pretrained,
+    load_pretrained_state,
+    open_pretrained,
+    save_pretrained,
+)
 from switchall.models.routing import NoiseContext
 
 __all__ = [
@@ -12,5 +19,10 @@ __all__ = [
     "MoEConfig",
     "ModelConfig",
     "NoiseContext",
+    "PretrainedError",
     "build_model",
+    "load_pretrained",
+    "load_pretrained_state",
+    "open_pretrained",
+    "save_pretrained",
 ]

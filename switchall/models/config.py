@@ -104,9 +104,19 @@ class ModelConfig:
     dropout: float = 0.1
     init_scale: float | None = None
     """Scale of all attention and σ-MoE inits; None means sqrt(2 / n_layers) (spec §2.2)."""
+    routing_init: Literal["equal_norm", "row_std"] = "equal_norm"
+    """SwitchHead routing rows after their normal init. row_std: the authors' renorm (each row
+    rescaled by its own std, so rows keep their random norms up to one global factor; the paper
+    configs). equal_norm: every row the same L2 norm, global std kept (as σ-MoE's selection)."""
+    output_init: Literal["normal", "torch_default"] = "normal"
+    """The vocabulary projection. torch_default: nn.Linear's own init, weight and bias (the
+    authors'; the paper configs). normal: weight N(0, 1/d_model), bias zero."""
     attention: AttentionConfig
     mlp: MLPConfig = field(default_factory=MLPConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    init_from: str | None = None
+    """An export directory (`switchall export`) whose weights start a new run, under any
+    layout, with a fresh optimiser; its model config must be this one. Not used on --resume."""
 
     @property
     def mem_len(self) -> int:
@@ -130,6 +140,7 @@ class ModelConfig:
         check(self.n_layers >= 1, join(prefix, "n_layers"), "must be >= 1")
         check(self.seq_len >= 1, join(prefix, "seq_len"), "must be >= 1")
         check(self.mem_chunks >= 0, join(prefix, "mem_chunks"), "must be >= 0")
+        check(self.init_from != "", join(prefix, "init_from"), "must be a directory or null")
         check(0.0 <= self.dropout < 1.0, join(prefix, "dropout"), "must be in [0, 1)")
         check(
             self.init_scale is None or self.init_scale > 0,

@@ -34,5 +34,18 @@ def renorm_rows_keep_std_(w: torch.Tensor) -> torch.Tensor:
     return w.mul_(std / w.std().clamp_min(1e-12))
 
 
+@torch.no_grad()
+def renorm_rows_by_row_std_(w: torch.Tensor) -> torch.Tensor:
+    """The authors' SwitchHead routing renorm: row r becomes (w_r / |w_r|) · std_r / s, where
+    std_r is row r's own std before and s the global std after the division (spec §2.2).
+
+    Rows keep their random norms up to one global factor (norm_r = std_r / s); they are not
+    made equal. Both stds are unbiased, as torch's default (and the authors' code) computes.
+    """
+    std_R1 = w.std(dim=-1, keepdim=True)
+    w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return w.mul_(std_R1 / w.std().clamp_min(1e-12))
+
+
 def dense_std(init_scale: float, fan_in: int) -> float:
     return init_scale / math.sqrt(fan_in)

@@ -91,8 +91,11 @@ class LanguageModel(nn.Module):
     def reset_parameters(self) -> None:
         # Pre-LN models use no sqrt(D) embedding scale; both ends use fan-in std 1/sqrt(D).
         normal_(self.embedding.weight, dense_std(1.0, self.cfg.d_model))
-        normal_(self.output.weight, dense_std(1.0, self.cfg.d_model))
-        self.output.bias.zero_()
+        if self.cfg.output_init == "torch_default":
+            self.output.reset_parameters()  # U(±1/sqrt(d)) weight and bias, as the authors'
+        else:
+            normal_(self.output.weight, dense_std(1.0, self.cfg.d_model))
+            self.output.bias.zero_()
 
     def forward(
         self,

@@ -90,6 +90,10 @@ class SigmaMoE(nn.Module):
         self.stats_reducer: StatsReducer | None = None
         self.defer_regulariser = False
         """Return `RegulariserStats` for the language model to reduce with all other layers'."""
+        # Routing statistics (switchall.pretrain.run_metrics, switchall.analysis.analyze):
+        # called with the selected expert ids [X, K] and the expert count, in training and in
+        # evaluation (the recorder decides); None (the default) records nothing.
+        self.load_recorder: Callable[[str, torch.Tensor, int], None] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -116,6 +120,8 @@ class SigmaMoE(nn.Module):
                 rows_per_batch_row=rows_per_batch_row,
             )
         gates_XK, idx_XK = sigmoid_topk(logits_XE, self.k, drop_XE)
+        if self.load_recorder is not None:
+            self.load_recorder("mlp", idx_XK, self.num_experts)
         return gates_XK, idx_XK, logits_XE
 
     def experts(

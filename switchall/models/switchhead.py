@@ -13,13 +13,20 @@ With E = 1 the layer is dense attention with a learned sigmoid output gate per h
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from switchall.kernels import CVMMSelection, cvmm, cvmm_prepare
 from switchall.models.attention import attend, heads_first
 from switchall.models.config import ModelConfig
-from switchall.models.init import dense_std, normal_, renorm_rows_keep_std_
+from switchall.models.init import (
+    dense_std,
+    normal_,
+    renorm_rows_by_row_std_,
+    renorm_rows_keep_std_,
+)
 from switchall.models.positional import Rotary, sinusoid_LD, xl_position_bias
 from switchall.models.routing import (
     NoiseContext,
@@ -78,6 +85,11 @@ class SwitchHeadAttention(nn.Module):
             self.rotary = Rotary(dh, a.rope_fraction, a.rope_base)
         # q and k each carry Dh^-1/4 so that q.k carries the full 1/sqrt(Dh).
         self.qk_scale = dh**-0.25
+        # Routing statistics (switchall.pretrain.run_metrics, switchall.analysis.analyze):
+        # called per routing side ("v" source, "o" destination) with global expert ids
+        # head * E + e [rows = (token, head), K] and their count (all heads of the layer), in
+        # training and in evaluation (the recorder decides); None records nothing.
+        self.load_recorder: Callable[[str, torch.Tensor, int], None] | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -92,9 +104,12 @@ class SwitchHeadAttention(nn.Module):
         normal_(o, dense_std(s, self.total_heads * self.d_head))
         if self.xl:
             normal_(self.pos.weight, std_in)
+        renorm = (
+            renorm_rows_by_row_std_ if self.cfg.routing_init == "row_std" else renorm_rows_keep_std_
+        )
         for name in ("sel_src", "sel_dst"):
             if hasattr(self, name):
-                renorm_rows_keep_std_(normal_(getattr(self, name), std_in))
+                renorm(normal_(getattr(self, name), std_in))
 
     def _route(self, x_BSD: torch.Tensor, w_FD: torch.Tensor, side: int, noise) -> Route:
         b, s, _ = x_BSD.shape
@@ -116,6 +131,12 @@ class SwitchHeadAttention(nn.Module):
         gates_XK, idx_XK = sigmoid_topk(logits_XE, self.top_k, drop_XE)
         head_X1 = torch.arange(h, device=x_BSD.device).repeat(b * s)[:, None]
         expert_XK = idx_XK + head_X1 * e
+        if self.load_recorder is not None:
+            self.load_recorder(
+                "v" if side == _SRC else "o",
+                expert_XK + self.head_offset * e,
+                self.total_heads * e,
+            )
         return Route(
             gates_XK.view(b * s, h, self.top_k), expert_XK.view(b * s, h, self.top_k), h * e
         )

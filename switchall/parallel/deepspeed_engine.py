@@ -30,27 +30,21 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.checkpoint import constants as ds_constants
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.utils import register_output_backward_hooks
 from deepspeed.utils import groups as ds_groups
 from torch import nn
 
+from switchall.checkpoint.entries import has_state, per_parameter_entries
 from switchall.pretrain.config import OptimConfig
 from switchall.pretrain.engine import adamw_kernel, param_groups
 from switchall.pretrain.schedule import lr_at
 
 from .expert_parallel import ParallelSigmaMoE
 from .layout import ParallelLayout
-
-# What a ZeRO optimiser's state dict needs to resume under the same layout: plain tensors and
-# containers only (checkpoints load with weights_only=True); the rest comes from the live engine.
-_ZERO_STATE_KEYS = {
-    1: (ds_constants.BASE_OPTIMIZER_STATE, ds_constants.SINGLE_PARTITION_OF_FP32_GROUPS),
-    2: (ds_constants.BASE_OPTIMIZER_STATE, ds_constants.SINGLE_PARTITION_OF_FP32_GROUPS),
-    3: (ds_constants.OPTIMIZER_STATE_DICT, ds_constants.FP32_FLAT_GROUPS),
-}
+from .sharded_state import global_name
+from .zero_state import zero3_after_load, zero3_entries, zero12_after_load, zero12_entries
 
 
 class LayoutMPU:
@@ -256,23 +250,38 @@ class DeepSpeedEngine:
             return float(self._norm)
         return float(self.ds.get_global_grad_norm())
 
-    def state_dict(self) -> dict[str, Any]:
-        stage = self.layout.zero_stage
-        if stage == 0:
-            return {"optimizer": self.optimizer.state_dict()}
-        full = self.ds.optimizer.state_dict()
-        return {"zero": {k: full[k] for k in _ZERO_STATE_KEYS[stage]}}
+    # ----------------------------------------------------------------- checkpoints
+    def _named(self) -> list[tuple[str, nn.Parameter]]:
+        return [(global_name(n), p) for n, p in self.model.named_parameters()]
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        stage = self.layout.zero_stage
+    def has_optimizer_state(self) -> bool:
+        if self.layout.zero_stage == 0:
+            return has_state(self.optimizer)
+        return has_state(self.ds.optimizer.optimizer)
+
+    def checkpoint_entries(self, *, optimizer: bool = True, for_load: bool = False) -> dict:
+        """This rank's share of the weights and AdamW state, by global name (see
+        `switchall.checkpoint.entries`): views of the live state, for saving or loading."""
+        stage, named = self.layout.zero_stage, self._named()
         if stage == 0:
-            self.optimizer.load_state_dict(state["optimizer"])
-            return
-        # The live state supplies DeepSpeed's bookkeeping (version, paddings, loss scaler).
-        full = {**self.ds.optimizer.state_dict(), **state["zero"]}
-        per_dp_rank: list[Any] = [None] * self.layout.dp_size
-        per_dp_rank[self.layout.dp_rank] = full
-        self.ds.optimizer.load_state_dict(per_dp_rank, load_from_fp32_weights=True)
+            return per_parameter_entries(named, self.optimizer if optimizer else None)
+        if stage in (1, 2):
+            return zero12_entries(self.ds.optimizer, named, optimizer, for_load)
+        return zero3_entries(self.ds.optimizer, named, optimizer, for_load)
+
+    def after_checkpoint_load(self, optimizer: bool = True) -> None:
+        """Bring ZeRO's copies in line with the weights a load wrote (collective at stage 3)."""
+        params = [p for _, p in self._named()]
+        if self.layout.zero_stage in (1, 2):
+            zero12_after_load(self.ds.optimizer, params)
+        elif self.layout.zero_stage == 3:
+            zero3_after_load(self.ds.optimizer, params)
+
+    def json_state(self) -> dict[str, Any]:
+        return {}  # fp32 parameters: no loss scale (fp16 is refused by check_layout)
+
+    def load_json_state(self, state: dict[str, Any]) -> None:
+        pass
 
     def close(self) -> None:
         """Drop this engine's DeepSpeed group registrations (before another layout)."""

@@ -86,6 +86,7 @@ def init_layout(cfg: ParallelConfig) -> ParallelLayout:
         # so EP groups are taken among ranks with the same TP rank: inside the DP groups.
         expert_tensor_parallel_size=cfg.tensor,
         create_gloo_process_groups=False,
+        distributed_timeout_minutes=cfg.timeout_s / 60,  # a float works: it feeds timedelta
     )
     layout = ParallelLayout(
         world_size=dist.get_world_size(),

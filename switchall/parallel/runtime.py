@@ -5,15 +5,15 @@ Implements `switchall.pretrain.runtime.Runtime`, so the one training loop runs u
   read the same data slice); metrics and validation sums are all-reduced over the DP group.
 - `parallelize` applies tensor parallel, expert parallel and the DeepSpeed engine
   (`parallelize_model`); `build_engine` hands out that engine.
-- `model_files` writes every tensor once (see `sharded_state`), under the layout's name, which
-  the checkpoint metadata records: a checkpoint loads only under the same layout.
+- checkpoints: the engine gives each rank's pieces under global names
+  (`switchall.checkpoint`), written and read collectively over the default group, so a
+  checkpoint of any layout loads under this one; `layout_record` goes into its metadata.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -23,7 +23,6 @@ from torch import nn
 from switchall.models.routing import derive_seed
 from switchall.parallel.layout import check_layout, destroy_layout, init_layout
 from switchall.parallel.parallelize import ParallelModel, parallelize_model
-from switchall.parallel.sharded_state import load_sharded_model_files, sharded_model_files
 from switchall.pretrain.runtime import resolve_device
 
 
@@ -45,12 +44,19 @@ class DistributedRuntime:
         # job) keeps it; otherwise this runtime owns the process group and tears it down.
         self._owns_process_group = not dist.is_initialized()
         if self._owns_process_group:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                backend,
+                device_id=device if device.type == "cuda" else None,
+                timeout=timedelta(seconds=cfg.parallel.timeout_s),
+            )
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend)  # wraps the group initialised above
+        deepspeed.init_distributed(  # wraps the group initialised above
+            dist_backend=backend, timeout=timedelta(seconds=cfg.parallel.timeout_s)
+        )
         self.layout = init_layout(cfg.parallel)
-        self.rank = self.layout.rank
+        self.rank, self.world_size = self.layout.rank, self.layout.world_size
+        self.uses_process_group = True
         self.dp_rank, self.dp_size = self.layout.dp_rank, self.layout.dp_size
         self.layout_name = self.layout.name
         self._parallel: ParallelModel | None = None
@@ -88,18 +94,23 @@ class DistributedRuntime:
             raise RuntimeError("build_engine expects the module returned by parallelize")
         return self._parallel.engine
 
-    def _gathered(self, params: list, modifier_rank: int | None):
-        if self.layout.zero_stage == 3:
-            import deepspeed
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
 
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-        return contextlib.nullcontext()
-
-    def model_files(self, model: nn.Module) -> dict[str, Any]:
-        return sharded_model_files(self.parallel_model, self.layout, self._gathered)
-
-    def load_model_files(self, model: nn.Module, load: Callable[[str], Any]) -> None:
-        load_sharded_model_files(self.parallel_model, self.layout, load, self._gathered)
+    def layout_record(self) -> dict[str, Any]:
+        lay = self.layout
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", lay.world_size))
+        return {
+            "name": lay.name,
+            "world_size": lay.world_size,
+            "nodes": max(1, lay.world_size // max(per_node, 1)),
+            "tensor": lay.tp_size,
+            "expert": lay.ep_size,
+            "data": lay.dp_size,
+            "zero_stage": lay.zero_stage,
+        }
 
     def shutdown(self) -> None:
         if self._parallel is not None:

@@ -15,7 +15,9 @@ from switchall.configtools import ConfigError
 
 def make_runtime(cfg):
     """One process: `LocalRuntime`. Under torchrun, or with any parallel setting beyond one
-    process, the `DistributedRuntime` (which validates the layout against the world size)."""
+    process, the `DistributedRuntime` (which validates the layout against the world size).
+    What the distributed stack prints while it is imported and set up goes to the rank log."""
+    from switchall.launch.process import third_party_output_to_log
     from switchall.pretrain.runtime import LocalRuntime, resolve_device
 
     p = cfg.parallel
@@ -25,16 +27,67 @@ def make_runtime(cfg):
             f"{p.zero_stage} needs the DeepSpeed engine: launch with torchrun",
         )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.tensor > 1 or p.expert > 1 or p.zero_stage:
-        from switchall.parallel.runtime import DistributedRuntime
+        with third_party_output_to_log():
+            from switchall.parallel.runtime import DistributedRuntime
 
-        return DistributedRuntime(cfg)
+            return DistributedRuntime(cfg)
     return LocalRuntime(resolve_device(cfg.train.device))
 
 
+def _continue_command(args: argparse.Namespace) -> str:
+    """The command line that continues a stopped run (for the message printed at the stop)."""
+    import shlex
+    import sys
+
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--auto-resume")]
+    prog = "switchall" if not os.environ.get("TORCHELASTIC_RUN_ID") else "torchrun ... -m switchall"
+    return f"{prog} {shlex.join(argv)} --resume"
+
+
 def run_pretrain(args: argparse.Namespace) -> int:
+    from switchall.launch.process import RANK_LOG, exit_with_parent, under_torchrun
+    from switchall.pretrain.control import StopSignals
+    from switchall.pretrain.startup import check_start, env_rank, print_notes
+
+    StopSignals.install()  # first: a warning signal during the start-up is not lost
+    if under_torchrun():
+        exit_with_parent()
+    rank, world = env_rank()
+    RANK_LOG.banner(rank, world)
+    cfg = load_run_config(args.config, args.overrides)
+    plan = check_start(
+        cfg,
+        args.run_dir,
+        config_source=args.config,
+        resume=args.resume,
+        auto_resume=args.auto_resume,
+        allow_config_change=args.allow_config_change,
+    )
+    args.startup_checked = True  # from here on, errors can differ between ranks
+    print_notes(plan)
+    if plan.finished_step is not None:
+        if rank == 0:
+            print(
+                f"{args.run_dir} is finished (checkpoint at step {plan.finished_step}, "
+                f"train.steps={cfg.train.steps}): nothing to do"
+            )
+        return 0
+    try:
+        return _train(args, cfg, plan.resume, rank)
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()  # the trainer released it already unless it failed
+
+
+def _train(args: argparse.Namespace, cfg, resume: bool, rank: int) -> int:
+    from switchall.launch.process import RANK_LOG, log_dir_for
+    from switchall.pretrain.control import EXIT_STOPPED
+
+    log_dir = log_dir_for(args.run_dir)
+    if rank == 0 or os.environ.get("SWITCHALL_LOG_DIR"):
+        RANK_LOG.attach(log_dir / f"rank-{rank}.log")
     from switchall.pretrain.trainer import Trainer
 
-    cfg = load_run_config(args.config, args.overrides)
     runtime = make_runtime(cfg)
     try:
         if cfg.train.deterministic:
@@ -42,18 +95,32 @@ def run_pretrain(args: argparse.Namespace) -> int:
             # first cuBLAS call, and a user's own setting wins.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        result = Trainer(cfg, args.run_dir, runtime, resume=args.resume).run()
+        trainer = Trainer(cfg, args.run_dir, runtime, resume=resume)
+        RANK_LOG.attach(log_dir / f"rank-{rank}.log")  # the run directory exists on every rank
+        result = trainer.run()
     finally:
         runtime.shutdown()
-    if runtime.is_logging_rank:
+    if not runtime.is_logging_rank:
+        return EXIT_STOPPED if result.get("stopped") else 0
+    if result.get("stopped"):
         print(
-            f"done: step {result['step']}  val_loss {result['val_loss']:.4f}  "
-            f"val_ppl {result['val_ppl']:.2f}  (run directory {args.run_dir})"
+            f"stopped by {result['signal']} after step {result['step']}: checkpoint "
+            f"{result['checkpoint']}; continue with: {_continue_command(args)}",
+            flush=True,
         )
+        return EXIT_STOPPED
+    if result.get("already_finished"):
+        print(f"{args.run_dir} is finished (step {result['step']}): nothing to do")
+        return 0
+    print(
+        f"done: step {result['step']}  val_loss {result['val_loss']:.4f}  "
+        f"val_ppl {result['val_ppl']:.2f}  (run directory {args.run_dir})"
+    )
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from switchall.checkpoint.consolidate import consolidate
     from switchall.models import build_model
     from switchall.pretrain.checkpoint import CheckpointManager
     from switchall.pretrain.evaluate import validate
@@ -62,8 +129,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     overrides = list(args.overrides) + ["logging.wandb=disabled"]
-    if args.batches is not None:
-        overrides.append(f"train.eval_batches={args.batches}")
     cfg = load_run_config(run_dir / "config.yaml", overrides)
     runtime = LocalRuntime(resolve_device(cfg.train.device))
     manager = CheckpointManager(run_dir / "checkpoints")
@@ -72,15 +137,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("", f"{run_dir / 'checkpoints'} holds no complete checkpoint")
     setup = RunSetup(cfg, run_dir, runtime, resume=True, write=False)
     setup.check_checkpoint_meta(manager.read_meta(ckpt), ckpt)
-    model = build_model(cfg.model).to(runtime.device)
-    runtime.load_model_files(model, lambda name: manager.load(ckpt, name))
+    model = build_model(cfg.model)
+    # Any layout: the checkpoint's weights consolidated into the single-device state dict.
+    model.load_state_dict(consolidate(ckpt))
+    model.to(runtime.device)
     result = validate(
         model,
         setup.val_loader(),
         cfg.model,
         runtime.device,
         setup.amp_dtype,
-        cfg.train.eval_batches,
+        args.batches or 0,  # the whole split unless --batches (train.eval_batches is training's)
         byte_level=setup.byte_level,
     )
     step = manager.read_meta(ckpt)["step"]
@@ -89,6 +156,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     else:
         print(f"{ckpt}: step {step}  {result.describe()}  ({result.tokens:,} tokens)")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -100,13 +174,32 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="YAML run config, e.g. configs/demo_switchall.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--run-dir", required=True, help="where config, metrics, checkpoints go")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint (the run directory must exist)",
+    )
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue if the run directory holds a checkpoint, else start (Slurm jobs use it)",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="on resume, accept config changes that alter the run's mathematics "
+        "(model, optimiser, schedule, batch, seed)",
+    )
     p.set_defaults(func=run_pretrain)
 
     e = verbs.add_parser("evaluate", help="validation loss / perplexity of a run's checkpoint")
     e.add_argument("run_dir", help="a run directory written by `switchall pretrain`")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.path=...)")
     e.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
-    e.add_argument("--batches", type=int, help="validation batches (default: train.eval_batches)")
+    e.add_argument(
+        "--batches",
+        type=_positive_int,
+        help="evaluate the first N validation batches (default: the whole validation split)",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=run_evaluate)

@@ -57,6 +57,10 @@ class TrainConfig:
     """Validation batches per evaluation; 0 means the whole validation split."""
     ckpt_every: int = 0
     """Steps between checkpoints; 0 saves only at the end."""
+    ckpt_every_minutes: float = 0.0
+    """Also checkpoint when this many minutes have passed since the last checkpoint (agreed by
+    all ranks at a step boundary), so a long step schedule still leaves recent work on disk;
+    0 disables."""
     keep_checkpoints: int = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """auto: bf16 autocast on GPU, fp32 on CPU."""
@@ -78,6 +82,7 @@ class TrainConfig:
         check(self.eval_every >= 0, join(prefix, "eval_every"), "must be >= 0")
         check(self.eval_batches >= 0, join(prefix, "eval_batches"), "must be >= 0")
         check(self.ckpt_every >= 0, join(prefix, "ckpt_every"), "must be >= 0")
+        check(self.ckpt_every_minutes >= 0, join(prefix, "ckpt_every_minutes"), "must be >= 0")
         check(self.keep_checkpoints >= 1, join(prefix, "keep_checkpoints"), "must be >= 1")
         check(
             self.compile_backend in COMPILE_BACKENDS,
@@ -93,3 +98,15 @@ class LoggingConfig:
     project: str = "switchall"
     name: str | None = None
     console: bool = True
+    peak_flops: float | None = None
+    """Per-device peak FLOP/s for the MFU metric; None: the table of common GPUs
+    (`switchall.pretrain.run_metrics.PEAK_FLOPS`), no MFU on the CPU or an unknown device."""
+    expert_load: bool = True
+    """Log per-layer expert load (entropy, overload factor, idle experts) of routed layers."""
+
+    def validate(self, prefix: str = "") -> None:
+        check(
+            self.peak_flops is None or self.peak_flops > 0,
+            join(prefix, "peak_flops"),
+            "must be > 0",
+        )

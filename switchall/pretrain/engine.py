@@ -12,6 +12,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from switchall.checkpoint.entries import has_state, per_parameter_entries
+from switchall.parallel.sharded_state import global_name
 from switchall.pretrain.config import OptimConfig
 from switchall.pretrain.schedule import lr_at
 
@@ -25,9 +27,20 @@ class Engine(Protocol):
         """Apply the accumulated gradients as optimiser step `step`; returns the grad norm."""
         ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    # Checkpoints (`switchall.checkpoint`): the weights and AdamW state by global name, as
+    # views of this rank's live state, plus what is not a tensor.
+    def has_optimizer_state(self) -> bool: ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def checkpoint_entries(self, *, optimizer: bool = True, for_load: bool = False) -> dict:
+        """`switchall.checkpoint.entries` keys -> `GlobalTensor`; `for_load` creates missing
+        optimizer state for a load to fill in."""
+        ...
+
+    def after_checkpoint_load(self, optimizer: bool = True) -> None: ...
+
+    def json_state(self) -> dict[str, Any]: ...
+
+    def load_json_state(self, state: dict[str, Any]) -> None: ...
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -83,13 +96,19 @@ class LocalEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def state_dict(self) -> dict[str, Any]:
-        state = {"optimizer": self.optimizer.state_dict()}
-        if self.scaler:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+    def has_optimizer_state(self) -> bool:
+        return has_state(self.optimizer)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def checkpoint_entries(self, *, optimizer: bool = True, for_load: bool = False) -> dict:
+        named = [(global_name(n), p) for n, p in self.model.named_parameters()]
+        return per_parameter_entries(named, self.optimizer if optimizer else None)
+
+    def after_checkpoint_load(self, optimizer: bool = True) -> None:
+        pass
+
+    def json_state(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()} if self.scaler else {}
+
+    def load_json_state(self, state: dict[str, Any]) -> None:
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

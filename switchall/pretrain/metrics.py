@@ -2,8 +2,14 @@
 
 metrics.jsonl gets one JSON object per logged step (`step`, `loss`, `lr`, `tokens_per_s`, ...)
 and per validation (`step`, `val_loss`, `val_ppl`), each line flushed and fsynced as written
-so a crash loses at most the line being written. A resumed run appends; its first line is
-`{"event": "resume", "step": N}` and later lines for a step supersede earlier ones.
+so a crash loses at most the line being written. That torn last line is cut off when the file
+is opened again, so the next record starts on a line of its own.
+
+A resumed run first drops the records that the interrupted run wrote past the checkpoint it
+resumes from (they are written again, identically, as training redoes those steps), so the
+file holds exactly one record per logged step and validation, like an uninterrupted run's,
+plus `{"event": "resume", "step": N}` lines. A fresh start in a directory without a checkpoint
+drops all earlier records. The file is rewritten atomically for that.
 """
 
 from __future__ import annotations
@@ -49,6 +55,40 @@ def latest_per_step(records: list[dict[str, Any]], key: str) -> dict[int, float]
     return out
 
 
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate a file to its last complete line (a crash mid-write leaves a partial one)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        end = pos = f.seek(0, os.SEEK_END)
+        keep = 0
+        while pos > 0:  # scan back, in blocks, for the last newline
+            start = max(0, pos - 65536)
+            f.seek(start)
+            nl = f.read(pos - start).rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            pos = start
+        if keep < end:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _kept(line: bytes, step: int) -> bool:
+    """A record an interrupted run wrote stays if a run resumed at `step` will not write it:
+    steps before `step`, and `step` itself unless it is 0 (a fresh start validates step 0)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    s = record.get("step") if isinstance(record, dict) else None
+    if not isinstance(s, (int, float)):
+        return True
+    return s < step or (s == step and step > 0)
+
+
 class MetricsLogger:
     """Writes metrics on the process that owns logging (rank 0); a no-op elsewhere."""
 
@@ -64,7 +104,11 @@ class MetricsLogger:
         self._file = None
         if not enabled:
             return
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.path = run_dir / "metrics.jsonl"
+        _cut_torn_tail(self.path)
+        self._inherited = self.path.stat().st_size if self.path.exists() else 0
+        """Bytes written by earlier runs: only those are candidates for `rewind`."""
+        self._file = open(self.path, "a", buffering=1)
         if cfg.wandb != "disabled":
             self.wandb_run = self._start_wandb(run_dir, run_config)
 
@@ -89,6 +133,25 @@ class MetricsLogger:
             # run directory instead.
             settings=wandb.Settings(silent=True),
         )
+
+    def rewind(self, step: int) -> int:
+        """Drop the earlier runs' records that a run continuing at `step` writes again (see
+        the module docstring); records this logger wrote stay. Returns how many it dropped."""
+        if not self.enabled or self._file is None or not self._inherited:
+            return 0
+        data = self.path.read_bytes()
+        old, new = data[: self._inherited], data[self._inherited :]
+        lines = old.splitlines(keepends=True)
+        kept = [line for line in lines if _kept(line, step)]
+        if len(kept) == len(lines):
+            return 0
+        from switchall.fileio import write_atomic
+
+        self._file.close()
+        write_atomic(self.path, b"".join(kept) + new)
+        self._inherited = sum(map(len, kept))
+        self._file = open(self.path, "a", buffering=1)
+        return len(lines) - len(kept)
 
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
         if not self.enabled:

@@ -7,7 +7,6 @@ there is exactly one training loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -19,9 +18,12 @@ from switchall.pretrain.engine import Engine, LocalEngine
 
 class Runtime(Protocol):
     rank: int
+    world_size: int
     dp_rank: int
     dp_size: int
     device: torch.device
+    uses_process_group: bool
+    """Whether checkpoints are written collectively over torch.distributed's default group."""
 
     @property
     def is_logging_rank(self) -> bool: ...
@@ -40,15 +42,12 @@ class Runtime(Protocol):
         self, model: nn.Module, cfg: OptimConfig, total_steps: int, fp16: bool
     ) -> Engine: ...
 
-    def model_files(self, model: nn.Module) -> dict[str, Any]:
-        """This rank's share of the model state, as checkpoint file name -> object.
-
-        Every parameter must be saved exactly once across all ranks (replicas save nothing).
-        """
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (small, picklable values)."""
         ...
 
-    def load_model_files(self, model: nn.Module, load: Callable[[str], Any]) -> None:
-        """Load this rank's share; `load(name)` reads (and verifies) one checkpoint file."""
+    def layout_record(self) -> dict[str, Any]:
+        """The layout, as checkpoint metadata records it (world size, nodes, sizes, stage)."""
         ...
 
     def shutdown(self) -> None: ...
@@ -56,8 +55,10 @@ class Runtime(Protocol):
 
 class LocalRuntime:
     rank = 0
+    world_size = 1
     dp_rank = 0
     dp_size = 1
+    uses_process_group = False
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -80,17 +81,46 @@ class LocalRuntime:
     ) -> Engine:
         return LocalEngine(model, cfg, total_steps, fp16=fp16)
 
-    def model_files(self, model: nn.Module) -> dict[str, Any]:
-        return {"model_rank0.pt": model.state_dict()}
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
-    def load_model_files(self, model: nn.Module, load: Callable[[str], Any]) -> None:
-        model.load_state_dict(load("model_rank0.pt"))
+    def layout_record(self) -> dict[str, Any]:
+        return single_process_layout()
 
     def shutdown(self) -> None:
         pass
 
 
 def resolve_device(spec: str) -> torch.device:
+    """`train.device`: auto (CUDA when present), cpu, cuda, cuda:N; ConfigError if unusable."""
+    from switchall.configtools import ConfigError
+
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            "train.device", f"{spec!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                "train.device", f"{spec!r}, but this machine has no usable CUDA device"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError("train.device", f"{spec!r}, but this machine has {count} GPU(s)")
+    return device
+
+
+def single_process_layout() -> dict[str, Any]:
+    return {
+        "name": "single",
+        "world_size": 1,
+        "nodes": 1,
+        "tensor": 1,
+        "expert": 1,
+        "data": 1,
+        "zero_stage": 0,
+    }

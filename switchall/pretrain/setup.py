@@ -9,6 +9,19 @@ import torch
 
 from switchall.config import RunConfig, dump_run_config
 from switchall.configtools import ConfigError, to_dict
+from switchall.pretrain.checkpoint import CheckpointManager
+from switchall.pretrain.runlock import LOCK_NAME, RunLock
+
+
+def _all_ranks_ok(ok: bool, runtime) -> bool:
+    """True on every rank iff `ok` on every rank (one all-reduce; also the start barrier)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 def data_mode(cfg: RunConfig) -> str:
@@ -43,19 +56,48 @@ class RunSetup:
         self.amp_dtype = amp_dtype_for(cfg.train.precision, runtime.device)
         if self.amp_dtype == torch.float16 and runtime.device.type != "cuda":
             raise ConfigError("train.precision", "fp16 needs a CUDA device; use bf16 or fp32")
-        if write and runtime.is_logging_rank:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if (
-                not resume
-                and (run_dir / "checkpoints").is_dir()
-                and any((run_dir / "checkpoints").iterdir())
-            ):
-                raise ConfigError(
-                    "", f"{run_dir} already holds checkpoints; pass --resume or a new --run-dir"
-                )
-            dump_run_config(cfg, run_dir / "config.yaml")
+        self.lock: RunLock | None = None
         if write:
-            runtime.barrier()
+            self._claim_run_dir(resume)
+
+    def _claim_run_dir(self, resume: bool) -> None:
+        """Rank 0 checks the directory, takes the run lock (unless `switchall pretrain` took it
+        already) and writes config.yaml; every rank learns whether that worked, and the others
+        check that they see the same directory (it must be on a filesystem they share)."""
+        cfg, run_dir, runtime = self.cfg, self.run_dir, self.runtime
+        error: Exception | None = None
+        if runtime.is_logging_rank:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if not resume and CheckpointManager(run_dir / "checkpoints").latest():
+                    raise ConfigError(
+                        "", f"{run_dir} already holds checkpoints; pass --resume or a new --run-dir"
+                    )
+                self.lock = RunLock.held_here(run_dir) or RunLock(run_dir).acquire()
+                dump_run_config(cfg, run_dir / "config.yaml")
+            except Exception as e:
+                error = e
+        if not _all_ranks_ok(error is None, runtime):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 could not set up {run_dir}; see its error")
+        visible = runtime.is_logging_rank or (run_dir / LOCK_NAME).exists()
+        if not _all_ranks_ok(visible, runtime):
+            import socket
+
+            if visible:
+                raise RuntimeError(f"a rank does not see {run_dir}; see its error")
+            raise ConfigError(
+                "",
+                f"rank {runtime.rank} on {socket.gethostname()} does not see {run_dir}, which "
+                "rank 0 created: the run directory must be on a filesystem all nodes share",
+            )
+
+    def release(self) -> None:
+        """Release the run lock (the end of the run)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _loader(self, split: str, loop: bool):
         from switchall.data_pipeline import TokenLoader
@@ -84,15 +126,25 @@ class RunSetup:
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
+            "layout": self.runtime.layout_record(),
             "model": self.config_dict["model"],
             "tokenizer_sha256": self.tokenizer_sha256,
-            "dp_size": self.runtime.dp_size,
-            "layout": getattr(self.runtime, "layout_name", "single"),
+            "config": self.config_dict,
         }
 
     def check_checkpoint_meta(self, meta: dict[str, Any], path: Path) -> None:
-        """A checkpoint resumes only into the same model, tokenizer and layout."""
-        if meta.get("model") != self.config_dict["model"]:
+        """A checkpoint resumes into the same model and tokenizer, under any layout.
+
+        `model.init_from` is not compared: it only matters when a run starts."""
+
+        def architecture(model: Any) -> Any:
+            return (
+                {k: v for k, v in model.items() if k != "init_from"}
+                if isinstance(model, dict)
+                else model
+            )
+
+        if architecture(meta.get("model")) != architecture(self.config_dict["model"]):
             raise ConfigError(
                 "model", f"differs from the model of checkpoint {path}; resume with its config"
             )
@@ -101,11 +153,4 @@ class RunSetup:
                 "data.path",
                 f"the tokenizer of {self.cfg.data.path} differs from the one checkpoint {path} "
                 "was trained with",
-            )
-        layout = getattr(self.runtime, "layout_name", "single")
-        if meta.get("layout", "single") != layout:
-            raise ConfigError(
-                "parallel",
-                f"checkpoint {path} was saved with layout {meta.get('layout')}, "
-                f"this run uses {layout}; resharding across layouts is not supported yet",
             )

@@ -19,12 +19,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from switchall.checkpoint import training_state
+from switchall.checkpoint.init_from import load_init_from
 from switchall.config import RunConfig
 from switchall.models import NoiseContext, build_model
 from switchall.models.routing import derive_seed
 from switchall.pretrain.checkpoint import CheckpointManager
+from switchall.pretrain.control import RunControl
 from switchall.pretrain.evaluate import EvalResult, autocast_for, validate
 from switchall.pretrain.metrics import MetricsLogger, format_duration
+from switchall.pretrain.run_metrics import RunMetrics
 from switchall.pretrain.runtime import Runtime
 from switchall.pretrain.schedule import lr_at
 from switchall.pretrain.setup import RunSetup
@@ -40,6 +44,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         model = build_model(cfg.model).to(self.device)
+        self.run_metrics = RunMetrics(cfg, model, runtime, step_of=lambda: self.step)
         self.model = runtime.parallelize(model)
         apply_speed_options(model, cfg.train)  # in place: parallelize kept the LanguageModel
         self.engine = runtime.build_engine(
@@ -47,8 +52,10 @@ class Trainer:
         )
         self.loader = self.setup.train_loader()
         self.ckpt = CheckpointManager(
-            self.run_dir / "checkpoints", cfg.train.keep_checkpoints, runtime.rank, runtime.barrier
+            self.run_dir / "checkpoints", cfg.train.keep_checkpoints, comm=runtime
         )
+        self.ckpt.start()  # writable? temporaries and trash of a killed run removed
+        self._saved_step: int | None = None
         self.step = 0
         self.accum = cfg.train.grad_accum
         self.memory: list[list[torch.Tensor] | None] = [None] * self.accum
@@ -59,50 +66,40 @@ class Trainer:
             run_config=self.setup.config_dict,
         )
         self.history: list[dict[str, Any]] = []
+        self.resumed = resume
         if resume:
             self._resume()
+        if cfg.model.init_from and self._saved_step is None:  # a new run, not a resumed one
+            self.metrics.log(load_init_from(self), console=f"weights from {cfg.model.init_from}")
 
     # ----------------------------------------------------------------- checkpoints
-    def _rank_file(self, name: str) -> str:
-        return f"{name}_rank{self.runtime.rank}.pt"
-
     def save(self) -> Path:
-        state = {
-            "step": self.step,
-            "engine": self.engine.state_dict(),
-            "memory": self.memory,
-            "loader": self.loader.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-                "python": random.getstate(),
-            },
-        }
-        objects = {
-            **self.runtime.model_files(self.model),
-            self._rank_file("train_state"): state,
-        }
-        return self.ckpt.save(self.step, objects, self.setup.checkpoint_meta())
+        """Checkpoint the current step (collective); a step already on disk is not re-saved."""
+        if self._saved_step == self.step:
+            return self.ckpt.root / f"step_{self.step:08d}"
+        path = training_state.save(self)
+        self._saved_step = self.step
+        return path
 
     def _resume(self) -> None:
-        path = self.ckpt.latest()
+        path = self.ckpt.select_resume()
+        for skipped, why in self.ckpt.skipped:
+            self.metrics.log(
+                {"event": "checkpoint_skipped", "checkpoint": str(skipped), "reason": why}
+            )
         if path is None:
             self.metrics.log({"event": "start", "step": 0}, console="no checkpoint yet; starting")
             return
-        self.setup.check_checkpoint_meta(CheckpointManager.read_meta(path), path)
-        self.runtime.load_model_files(self.model, lambda name: self.ckpt.load(path, name))
-        state = self.ckpt.load(path, self._rank_file("train_state"))
-        self.engine.load_state_dict(state["engine"])
-        self.loader.load_state_dict(state["loader"])
-        self.memory = [
-            None if m is None else [t.to(self.device) for t in m] for m in state["memory"]
-        ]
-        self.step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        random.setstate(state["rng"]["python"])
-        self.metrics.log({"event": "resume", "step": self.step}, console=f"resumed from {path}")
+        meta = CheckpointManager.read_meta(path)
+        self.setup.check_checkpoint_meta(meta, path)
+        loaded = training_state.restore(self, path, meta)
+        self._saved_step = self.step
+        saved = meta["layout"]["name"]
+        note = "" if loaded["rng"] == "restored" else f" (saved as {saved}; RNG streams reseeded)"
+        self.metrics.log(
+            {"event": "resume", "step": self.step, "from_layout": saved, **loaded},
+            console=f"resumed from {path}{note}",
+        )
 
     # ----------------------------------------------------------------- one step
     def train_step(self, batch_BT1: torch.Tensor) -> dict[str, float]:
@@ -152,11 +149,33 @@ class Trainer:
 
         `stop_after`: return early, with a checkpoint, once this many steps have been taken
         in this call, as a job that runs out of its time slot does; `--resume` continues.
+        A stop signal and `train.ckpt_every_minutes` act through `RunControl` (see `control`).
+        A run resumed at its last step returns at once: nothing is evaluated or saved again.
         """
+        self.metrics.rewind(self.step)  # records past the resumed step are written again
+        if self.resumed and self.step >= self.cfg.train.steps and self.ckpt.latest():
+            self.close()
+            return {"step": self.step, "already_finished": True, "history": self.history}
+        control = RunControl(self.device, self.cfg.train.ckpt_every_minutes)
+        try:
+            return self._run(control, stop_after)
+        finally:
+            control.close()
+            self.close()
+
+    def close(self) -> None:
+        """Flush the metrics and release the run directory (the end of a run)."""
+        self.metrics.close()
+        self.setup.release()
+
+    def _checkpoint(self, control: RunControl) -> None:
+        control.saved(self.step, self.save())
+
+    def _run(self, control: RunControl, stop_after: int | None) -> dict[str, Any]:
         t = self.cfg.train
         total = t.steps
         tokens_per_step = t.batch_size * self.cfg.model.seq_len
-        if self.step == 0 or t.eval_every:
+        if self.step == 0:  # a resumed run validated this step before its checkpoint
             self.evaluate()
         data_iter = iter(self.loader)
         window_start, window_steps = time.perf_counter(), 0
@@ -176,32 +195,37 @@ class Trainer:
                     "tokens_per_s": tokens_per_step / step_time,
                     "step_time": step_time,
                 }
+                record.update(self.run_metrics.at_log(self.step, record["tokens_per_s"]))
                 self.history.append(record)
                 self.metrics.log(
                     record,
                     console=(
                         f"step {self.step:>6}/{total} | loss {stats['loss']:.4f} | "
                         f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
-                        f"ETA {format_duration(eta)}"
+                        f"ETA {format_duration(eta)}" + RunMetrics.describe(record)
                     ),
                 )
                 window_start, window_steps = time.perf_counter(), 0
             if t.eval_every and self.step % t.eval_every == 0 and self.step < total:
                 self.evaluate()
-            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < total:
-                self.save()
-            if (
-                stop_after is not None
-                and self.step - start_step >= stop_after
-                and self.step < total
-            ):
-                if not (t.ckpt_every and self.step % t.ckpt_every == 0):
-                    self.save()
-                self.metrics.close()
-                return {"step": self.step, "stopped": True, "history": self.history}
+            if self.step == total:
+                break  # the final validation and checkpoint follow
+            if t.ckpt_every and self.step % t.ckpt_every == 0:
+                self._checkpoint(control)
+            save, stop = control.after_step()  # agreed by all ranks
+            stop = stop or (stop_after is not None and self.step - start_step >= stop_after)
+            if (save or stop) and control.saved_step != self.step:
+                self._checkpoint(control)
+            if stop:
+                return {
+                    "step": self.step,
+                    "stopped": True,
+                    "signal": control.stop_signal,
+                    "checkpoint": str(control.saved_path),
+                    "history": self.history,
+                }
         final = self.evaluate()
-        self.save()
-        self.metrics.close()
+        self._checkpoint(control)
         return {
             "step": self.step,
             "val_loss": final.loss,

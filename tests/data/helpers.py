@@ -62,8 +62,21 @@ def global_stream(loaders, n: int) -> list[torch.Tensor]:
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
+    """Serves files; records every GET that reaches it (path, time) and answers 503 to the
+    paths in `failing`. Both are class attributes that `Server` resets."""
+
+    requests: list[tuple[str, float]] = []
+    failing: frozenset[str] = frozenset()
+
     def log_message(self, *args) -> None:
         pass
+
+    def do_GET(self) -> None:
+        self.requests.append((self.path, time.monotonic()))
+        if self.path in self.failing:
+            self.send_error(503)
+            return
+        super().do_GET()
 
 
 class _DroppingHandler(_QuietHandler):
@@ -108,11 +121,16 @@ class _StallingHandler(_DroppingHandler):
 class Server:
     """An HTTP server on 127.0.0.1 serving `root`, in a thread; use as a context manager.
     `dropping`: each shard's first request is cut off half way; `stalling`: the first request
-    for a shard hangs half way."""
+    for a shard hangs half way; `failing`: URL paths always answered with 503. `requests`
+    lists (path, time.monotonic()) of every GET the server saw."""
 
-    def __init__(self, root: Path, dropping: bool = False, stalling: bool = False):
+    def __init__(
+        self, root: Path, dropping: bool = False, stalling: bool = False, failing=frozenset()
+    ):
         handler = _StallingHandler if stalling else _DroppingHandler if dropping else _QuietHandler
         _DroppingHandler.dropped = set()
+        _QuietHandler.requests = self.requests = []
+        _QuietHandler.failing = frozenset(failing)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

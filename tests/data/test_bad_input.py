@@ -68,6 +68,17 @@ def test_skipping_bad_shards_keeps_everything_else_in_place(ds, small_ds, caplog
     touched = (starts < hi) & (starts + T + 1 > lo)
     assert touched.any() and (skipped[~touched] == clean[~touched]).all()
     assert not (skipped[touched] == clean[touched]).all()
+    # What stands in: the next shard of the epoch's order, cut or repeated to the bad one's
+    # length (README). Rebuild the epoch-0 stream that way and read every row from it.
+    m = read_manifest(small_ds)
+    shards = m.shards("train")
+    tokens = [load_shard(m.url(s.name), s, m.dtype).astype(np.int64) for s in shards]
+    stand_in = order_S[(pos + 1) % len(order_S)]
+    tokens[bad] = np.resize(tokens[stand_in], shards[bad].tokens)
+    stream = np.concatenate([tokens[i] for i in order_S])
+    for k in range(len(clean)):
+        for row, start in zip(skipped[k], starts[k], strict=True):
+            assert (row == stream[start : start + T + 1]).all(), k
 
 
 def test_tokenizer_mismatch_names_the_manifest(ds):

@@ -78,6 +78,28 @@ def test_unreachable_source_fails_clearly(small_ds, tmp_path):
                 loader.batch(_)
 
 
+def test_retry_count_and_backoff(small_ds):
+    """retries=2: a shard the server keeps refusing (503) is asked for exactly 3 times, the
+    waits between the requests doubling from retry_delay (0.3 s, then 0.6 s)."""
+    name = read_manifest(small_ds).shards("train")[0].name
+    delay = 0.3
+    with Server(small_ds, failing={f"/{name}"}) as server:
+        loader = TokenLoader(
+            server.url, global_batch_size=GBS, seq_len=T, retries=2, retry_delay=delay
+        )
+        with pytest.raises(DataError, match=rf"shard {name}: .*unreachable after 3 attempts"):
+            for k in range(loader.batches_per_epoch):
+                loader.batch(k)
+        times = [t for path, t in server.requests if path == f"/{name}"]
+        manifests = [path for path, _ in server.requests if path == "/manifest.json"]
+    assert len(manifests) == 1  # fetched once, it never failed
+    assert len(times) == 3, times
+    first, second = times[1] - times[0], times[2] - times[1]
+    # Lower bounds are exact (the sleeps); curl's start-up adds to each wait.
+    assert first >= delay and second >= 2 * delay, (first, second)
+    assert second - first >= 0.5 * delay, (first, second)  # doubling, not a constant wait
+
+
 def test_pipe_location(small_ds):
     local = stream(small_ds, 10)
     piped = stream(f"pipe:cat {small_ds}/{{}}", 10, num_workers=1)

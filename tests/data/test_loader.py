@@ -48,15 +48,49 @@ def _splitmix64_py(x: int) -> int:
     return z ^ (z >> 31)
 
 
+def _permutation_py(n: int, *key: int) -> list[int]:
+    """keyed_permutation by its definition, in plain Python ints: the indices sorted by their
+    SplitMix64 images under a key hashed the same way."""
+    h = 0
+    for k in key:
+        h = _splitmix64_py(h ^ (k & ((1 << 64) - 1)))
+    return sorted(range(n), key=lambda i: _splitmix64_py(i ^ h))
+
+
 def test_keyed_permutation_matches_a_pure_python_reference():
     # The order must not depend on numpy versions or platforms: recompute it with plain ints.
     for n, key in [(1000, (7, 3)), (5, (-1, 2**40, 9))]:
-        h = 0
-        for k in key:
-            h = _splitmix64_py(h ^ (k & ((1 << 64) - 1)))
-        expected = sorted(range(n), key=lambda i: _splitmix64_py(i ^ h))
-        assert keyed_permutation(n, *key).tolist() == expected
+        assert keyed_permutation(n, *key).tolist() == _permutation_py(n, *key)
     assert keyed_permutation(1000, 7, 3).tolist() != keyed_permutation(1000, 7, 4).tolist()
+
+
+@pytest.mark.parametrize("block_tokens", [1 << 25, 300 * T])
+def test_shuffled_order_is_the_documented_permutation(byte_ds, block_tokens):
+    """The order module's docstring, recomputed here: epoch e puts the shards in the order
+    keyed (seed, e, "SH"); global batch g holds epoch positions [g*B, (g+1)*B), and position p
+    of block b = p // m is window b*m + perm_(seed, e, "BL", b)[p % m] (m windows per block)."""
+    seed = 3
+    loader = TokenLoader(
+        byte_ds, global_batch_size=GBS, seq_len=T, seed=seed, shuffle_block_tokens=block_tokens
+    )
+    order, bpe = loader.order, loader.batches_per_epoch
+    shards = len(read_manifest(byte_ds).shards("train"))
+    m, windows = max(1, block_tokens // T), order.num_windows
+    perms: dict[tuple[int, int], list[int]] = {}
+    for epoch in (0, 1):
+        assert order.stream_map(epoch)[0].tolist() == _permutation_py(shards, seed, epoch, 0x5348)
+        for g in (0, 1, bpe - 1):
+            want = []
+            for p in range(g * GBS, (g + 1) * GBS):
+                block, i = divmod(p, m)
+                if (epoch, block) not in perms:
+                    size = min(m, windows - block * m)
+                    perms[epoch, block] = _permutation_py(size, seed, epoch, 0x424C, block)
+                want.append((block * m + perms[epoch, block][i]) * T)
+            got = order.row_starts(epoch * bpe + g, 0, GBS)[1]
+            assert got.tolist() == want, (epoch, g)
+            # Shuffled: a batch's rows are not a run of consecutive windows.
+            assert not (np.diff(got) == T).all()
 
 
 @pytest.mark.parametrize("block_tokens", [1 << 25, 300])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from tests.kernels.cvmm_cases import (
     reference_with_grads,
     run_with_grads,
 )
+from tests.subproc import subprocess_env
 
 
 @pytest.fixture
@@ -128,11 +128,52 @@ def test_autocast_computes_in_the_autocast_dtype(backend):
         assert_close_scaled(got, ref, TOLERANCE[torch.bfloat16], name)
 
 
-def test_allow_tf32_is_a_per_call_argument():
+class _LaunchSpy:
+    """Stands in for a Triton kernel (`kernel[grid](...)`) and records each launch's
+    INPUT_PRECISION before running the real one."""
+
+    def __init__(self, kernel, name: str, seen: list):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.seen.append((self.name, kwargs["INPUT_PRECISION"]))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+def test_allow_tf32_is_a_per_call_argument(monkeypatch, deterministic):
+    """allow_tf32 reaches every kernel launch of the forward and the backward (input, weight
+    and gate gradients) as INPUT_PRECISION="tf32", and "ieee" without it."""
+    from switchall.kernels import cvmm_gemm, cvmm_wgrad
+
+    seen: list[tuple[str, str]] = []
+    for module, name in [
+        (cvmm_gemm, "_cvmm_gemm_store"),
+        (cvmm_gemm, "_cvmm_gemm_accumulate"),
+        (cvmm_wgrad, "_cvmm_wgrad_kernel"),
+    ]:
+        monkeypatch.setattr(module, name, _LaunchSpy(getattr(module, name), name, seen))
     x, idx, w, gates = _small()
-    # On CPU (interpreter) TF32 changes nothing; the flag must still reach the kernel launch.
-    out = cvmm(x, idx, w, gates, backend="triton", allow_tf32=True)
-    assert_close_scaled(out, cvmm(x, idx, w, gates), TOLERANCE[torch.float32], "tf32")
+    for tf32, precision in [(True, "tf32"), (False, "ieee")]:
+        seen.clear()
+        results, _ = run_with_grads(
+            lambda x, i, w, g, tf32=tf32: cvmm(
+                x, i, w, g, backend="triton", deterministic=deterministic, allow_tf32=tf32
+            ),
+            x, idx, w, gates,
+        )  # fmt: skip
+        kernels = {name for name, _ in seen}
+        assert "_cvmm_wgrad_kernel" in kernels and len(kernels) >= 2, seen
+        assert {p for _, p in seen} == {precision}, seen
+        # On CPU (interpreter) TF32 changes nothing numerically.
+        want, _ = run_with_grads(lambda x, i, w, g: cvmm(x, i, w, g), x, idx, w, gates)
+        for got, ref in zip(results, want, strict=True):
+            assert_close_scaled(got, ref, TOLERANCE[torch.float32], f"tf32={tf32}")
     assert not torch.backends.cuda.matmul.allow_tf32  # never switched globally
 
 
@@ -204,5 +245,5 @@ def test_cpu_path_works_without_triton():
         "else:\n"
         "    raise AssertionError('triton backend ran without triton')\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = subprocess_env(TRITON_INTERPRET="1")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

@@ -67,19 +67,31 @@ def test_compile_fullgraph_matches_eager(backend):
         assert_close_scaled(comp, eager, TOLERANCE[torch.float32], "compiled vs eager")
 
 
+def _sigma_moe_dense(x, idx, w1, w2, gates):
+    """The same σ-MoE written without cvmm: gather each slot's expert matrices (float64)."""
+    h_NKH = torch.relu(torch.einsum("nd,nkdh->nkh", x, w1[idx]))
+    return torch.einsum("nkh,nkhd,nk->nd", h_NKH, w2[idx], gates)
+
+
 @pytest.mark.slow
 def test_inductor_compiles_around_the_op():
-    """The default backend: Inductor generates C++ for the sort around the opaque op (~30 s)."""
+    """The default backend: Inductor generates C++ for the sort around the opaque op (~30 s).
+    Output and every gradient (x, both expert banks, gates) against a float64 einsum."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(6)
     n, k, num_experts, d, hidden = 24, 2, 4, 16, 8
     x = torch.randn(n, d, generator=gen)
     idx = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(n)])
-    w1 = torch.randn(num_experts, d, hidden, generator=gen, requires_grad=True)
-    w2 = torch.randn(num_experts, hidden, d, generator=gen, requires_grad=True)
-    gates = torch.rand(n, k, generator=gen, requires_grad=True)
-    out = torch.compile(_sigma_moe, fullgraph=True)(x, idx, w1, w2, gates, "torch")
-    out.sum().backward()
-    want = _sigma_moe(x, idx, w1.detach(), w2.detach(), gates.detach(), "torch")
-    assert_close_scaled(out.detach(), want, TOLERANCE[torch.float32], "inductor")
-    assert w1.grad is not None and gates.grad is not None
+    w1 = torch.randn(num_experts, d, hidden, generator=gen) / d**0.5
+    w2 = torch.randn(num_experts, hidden, d, generator=gen) / hidden**0.5
+    gates = torch.rand(n, k, generator=gen)
+    cotangent = torch.randn(n, d, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, gates)]
+    out = torch.compile(_sigma_moe, fullgraph=True)(leaves[0], idx, *leaves[1:], "torch")
+    (out * cotangent).sum().backward()
+    ref_leaves = [t.double().requires_grad_() for t in (x, w1, w2, gates)]
+    want = _sigma_moe_dense(ref_leaves[0], idx, *ref_leaves[1:])
+    (want * cotangent.double()).sum().backward()
+    assert_close_scaled(out.detach(), want.detach(), TOLERANCE[torch.float32], "inductor out")
+    for name, got, ref in zip(("x", "w1", "w2", "gates"), leaves, ref_leaves, strict=True):
+        assert_close_scaled(got.grad, ref.grad, TOLERANCE[torch.float32], f"inductor d{name}")

@@ -101,3 +101,32 @@ def test_init_routing_rows_have_equal_norms():
     # σ-MoE W2 fan-in is all experts' width (spec §4): std = sqrt(2/n_layers)/sqrt(N_E*G).
     w2 = torch.cat([b.mlp.w2.detach().flatten() for b in model.blocks])
     assert abs(w2.std().item() / ((2 / 4) ** 0.5 / (4 * 8) ** 0.5) - 1) < 0.1
+
+
+@pytest.mark.parametrize("variant", ["transformer", "switchall"])
+def test_dropout_sites_and_rate(variant):
+    """Spec §8 (../shared/docs/switchhead_spec.md): dropout at the embeddings, the attention
+    output, the MLP hidden layer (dense MLP only), the MLP output and before the output layer,
+    all at model.dropout. Each site is seen zeroing about that fraction in training mode."""
+    p = 0.3
+    torch.manual_seed(0)
+    model = build_model(tiny_config(variant, dropout=p, d_model=64, mlp__d_ff=256)).train()
+    zeroed: dict[str, list[float]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+
+            def record(m, args, out, name=name):
+                live = args[0] != 0  # after the MLP's ReLU, half the inputs are 0 already
+                zeroed.setdefault(name, []).append((out[live] == 0).float().mean().item())
+
+            module.register_forward_hook(record)
+    model(torch.randint(0, 50, (8, 8)))
+    calls = {name: len(v) for name, v in zeroed.items()}
+    want = {"drop": 2}  # embeddings, before the output layer
+    for i in range(2):
+        want[f"blocks.{i}.drop"] = 2  # attention output, MLP output
+        if variant == "transformer":
+            want[f"blocks.{i}.mlp.drop"] = 1  # MLP hidden
+    assert calls == want
+    fractions = [f for v in zeroed.values() for f in v]
+    assert all(abs(f - p) < 0.1 for f in fractions), zeroed

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from switchall.launch.local import torchrun_command
+from tests.subproc import REPO, subprocess_env
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 
 # Shared by both tiny models: byte vocabulary, short sequences, a short schedule.
@@ -65,7 +65,7 @@ def torchrun(nproc: int, args: list[str], timeout: float, cwd: Path = REPO) -> s
     The job runs in its own session, so a hang is ended by killing the whole process group.
     """
     cmd = torchrun_command(nproc, args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -95,4 +95,10 @@ def run_cases(nproc: int, cases: list[dict], out: Path, timeout: float) -> dict:
     spec = out / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "cases": cases}))
     torchrun(nproc, [str(WORKER), str(spec)], timeout)
-    return json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    # Every rank imported the checkout under test, not an installed copy of switchall.
+    imported = results.pop("switchall_imported_from")
+    assert len(imported) == nproc, imported
+    for path in imported:
+        assert Path(path).resolve().is_relative_to(REPO / "switchall"), (path, REPO)
+    return results

@@ -55,10 +55,12 @@ def test_torchrun_pretrain_logs_global_metrics_once(dataset, reference, tmp_path
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
         assert got["tokens_per_s"] * got["step_time"] == pytest.approx(8 * 16)
     ckpt = run / "checkpoints" / "step_00000003"
-    assert {p.name for p in ckpt.glob("*.pt")} == {
-        "model_tp0.pt",
-        "experts_tp0_ep0.pt",
-        "experts_tp0_ep1.pt",
-        "train_state_rank0.pt",
-        "train_state_rank1.pt",
+    assert {p.name for p in ckpt.iterdir()} == {
+        "meta.json",
+        "dcp_metadata.json",
+        "train_state.json",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "rng_rank0.json",
+        "rng_rank1.json",
     }

@@ -5,21 +5,30 @@ Each case builds a `DistributedRuntime` and runs the real `Trainer` loop, so the
 tests compare come from the same code as `switchall pretrain`. Sharing one launch between cases
 saves the process start-up (imports, DeepSpeed's comm set-up), the bulk of a case's cost on CPU.
 
-Rank 0 writes SPEC's `out`/results.json: per case, the logged history. Cases may also ask for
+Rank 0 writes SPEC's `out`/results.json: per case, the logged history, and under
+`switchall_imported_from` every rank's `switchall.__file__`. Cases may also ask for
 per-rank dumps (`dump_experts`: the local σ-MoE expert shards; `capture_grads`: gradients as
-the optimiser sees them after DeepSpeed's reduction, at ZeRO stage 0).
+the optimiser sees them after DeepSpeed's reduction, at ZeRO stage 0; `dump_weights_at`: the
+local parameters after the listed optimiser steps; `dump_state`: every checkpoint entry this
+rank holds, as (global offsets, tensor) boxes, right after construction (a resumed run: what it
+loaded) and at the end). `copy_from` starts the case in a copy of another case's run directory
+(a checkpoint resumed under another layout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import switchall
 from switchall.config import load_run_config
 from switchall.kernels import cvmm_prepare
 from switchall.models.sigma_moe import SigmaMoE
@@ -53,6 +62,28 @@ def _dump_replicated(runtime: DistributedRuntime, path: Path) -> None:
     torch.save(params, path)
 
 
+def _copy_checkpoint(src: Path, dst: Path, step: int) -> None:
+    """A new run directory holding `src`'s config and its checkpoint `step` only."""
+    name = f"checkpoints/step_{step:08d}"
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copy(src / "config.yaml", dst / "config.yaml")
+    shutil.copytree(src / name, dst / name)
+
+
+def dump_state(trainer: Trainer, runtime, path: Path) -> None:
+    """This rank's boxes of every checkpoint entry: key -> [(global offsets, tensor)]."""
+    from switchall.checkpoint.entries import memory_entries
+
+    entries = trainer.engine.checkpoint_entries(optimizer=trainer.engine.has_optimizer_state())
+    lanes = trainer.cfg.train.batch_size
+    first_lane = runtime.dp_rank * lanes // runtime.dp_size
+    entries.update(memory_entries(trainer.memory, lanes, first_lane))
+    boxes = {
+        key: [(b.offsets, b.tensor.detach().clone()) for b in g.boxes] for key, g in entries.items()
+    }
+    torch.save({"rank": runtime.rank, "step": trainer.step, "boxes": boxes}, path)
+
+
 def _capture_grads(trainer: Trainer, runtime: DistributedRuntime, path: Path) -> None:
     """Snapshot every gradient right before the first optimiser step (after reduction)."""
     model = runtime.parallel_model
@@ -69,6 +100,36 @@ def _capture_grads(trainer: Trainer, runtime: DistributedRuntime, path: Path) ->
         handle.remove()
 
     handle = trainer.engine.optimizer.register_step_pre_hook(hook)
+
+
+def _dump_weights_at(trainer: Trainer, runtime: DistributedRuntime, steps, prefix: Path) -> None:
+    """After each optimiser step in `steps`, save this rank's parameters as the model holds
+    them (single-device names, the slices of the full tensors they are, see `mark_shard`).
+    Under ZeRO-3 every rank gathers its data-parallel partitions first (collectively)."""
+    train_step = trainer.train_step
+
+    def train_step_then_dump(batch):
+        stats = train_step(batch)
+        step = trainer.step + 1  # the trainer counts the step once train_step returns
+        if step in steps:
+            model = runtime.parallel_model
+            gathered = contextlib.nullcontext()
+            if runtime.layout.zero_stage == 3:
+                import deepspeed
+
+                gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
+            with gathered:
+                params = {
+                    global_name(n): {
+                        "data": p.detach().clone(),
+                        "shards": [list(s) for s in getattr(p, "switchall_shards", ())],
+                    }
+                    for n, p in model.named_parameters()
+                }
+            torch.save(params, f"{prefix}_step{step}_rank{runtime.rank}.pt")
+        return stats
+
+    trainer.train_step = train_step_then_dump
 
 
 def check_dispatch(case: dict) -> dict:
@@ -132,16 +193,26 @@ def run_case(case: dict, out: Path) -> dict:
     if case.get("kind") == "dispatch":
         return check_dispatch(case)
     cfg = load_run_config(case["config"], case["overrides"])
+    if case.get("copy_from") and dist.get_rank() == 0:
+        _copy_checkpoint(out / case["copy_from"], out / case["run_dir"], case["copy_step"])
+    dist.barrier()
     runtime = DistributedRuntime(cfg)
     try:
         trainer = Trainer(cfg, out / case["run_dir"], runtime, resume=case.get("resume", False))
+        name, rank = case["name"], runtime.rank
+        if case.get("dump_state"):
+            dump_state(trainer, runtime, out / f"{name}_start_rank{rank}.pt")
         if case.get("capture_grads"):
             _capture_grads(trainer, runtime, out / f"{case['name']}_grads_rank{runtime.rank}.pt")
+        if case.get("dump_weights_at"):
+            _dump_weights_at(trainer, runtime, case["dump_weights_at"], out / case["name"])
         result = trainer.run(stop_after=case.get("stop_after"))
         if case.get("dump_replicated"):
             _dump_replicated(runtime, out / f"{case['name']}_replicated_rank{runtime.rank}.pt")
         if case.get("dump_experts"):
             _dump_experts(trainer, runtime, out / f"{case['name']}_experts_rank{runtime.rank}.pt")
+        if case.get("dump_state"):
+            dump_state(trainer, runtime, out / f"{name}_end_rank{rank}.pt")
         return {"layout": runtime.layout_name, "history": result["history"]}
     finally:
         runtime.shutdown()
@@ -153,8 +224,13 @@ def main(spec_path: str) -> None:
     dist.init_process_group("gloo")
     results = {}
     for case in spec["cases"]:
+        start = time.perf_counter()
         results[case["name"]] = run_case(case, out)
         dist.barrier()
+        results[case["name"]]["seconds"] = time.perf_counter() - start
+    imported: list = [None] * dist.get_world_size()
+    dist.all_gather_object(imported, switchall.__file__)
+    results["switchall_imported_from"] = imported  # launch.py checks it is the checkout
     if dist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()
