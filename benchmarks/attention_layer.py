@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -46,7 +47,8 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def bench_layer(cfg_path: str, batch: int, seq_len: int, device, dtype, iters: int) -> dict:
+def build_layer(cfg_path: str, batch: int, seq_len: int, device, dtype):
+    """(step function: one fwd+bwd, fwd function, parameter count) of one attention layer."""
     cfg = load_run_config(cfg_path, [f"model.seq_len={seq_len}"]).model
     cls = SwitchHeadAttention if cfg.uses_switchhead else DenseAttention
     layer = cls(cfg).to(device)
@@ -61,10 +63,30 @@ def bench_layer(cfg_path: str, batch: int, seq_len: int, device, dtype, iters: i
     def step():
         fwd().float().square().mean().backward()
 
+    return step, fwd, sum(p.numel() for p in layer.parameters())
+
+
+def paired_cpu_ms(steps: dict, iters: int, clock) -> dict[str, float]:
+    """CPU: median ms of each layer's step, the layers interleaved round by round."""
+    for step in steps.values():
+        for _ in range(2):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            start = clock()
+            step()
+            times[name].append((clock() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_layer(cfg_path: str, batch: int, seq_len: int, device, dtype, iters: int) -> dict:
+    """Saved bytes, and on CUDA the peak allocation and the time (CPU times: `paired_cpu_ms`)."""
+    step, fwd, params = build_layer(cfg_path, batch, seq_len, device, dtype)
     for _ in range(2):
         step()
     saved = saved_bytes(fwd)
-    peak = None
+    peak = ms = None
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -80,13 +102,7 @@ def bench_layer(cfg_path: str, batch: int, seq_len: int, device, dtype, iters: i
         end.record()
         torch.cuda.synchronize()
         ms = start.elapsed_time(end) / iters
-    else:
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        ms = (time.perf_counter() - t0) * 1000 / iters
-    params = sum(p.numel() for p in layer.parameters())
-    return {"ms": ms, "saved": saved, "peak": peak, "params": params}
+    return {"ms": ms, "saved": saved, "peak": peak, "params": params, "step": step}
 
 
 def main() -> None:
@@ -95,7 +111,11 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: 512 (paper) on GPU, 128 CPU")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="CPU timer")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     batch = args.batch or (8 if cuda else 2)
@@ -118,6 +138,10 @@ def main() -> None:
     for pair, (dense_cfg, moe_cfg) in PAIRS.items():
         dense = bench_layer(dense_cfg, batch, seq_len, device, dtype, iters)
         moe = bench_layer(moe_cfg, batch, seq_len, device, dtype, iters)
+        if not cuda:  # both layers interleaved, so that load on the machine hits them alike
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            ms = paired_cpu_ms({"dense": dense["step"], "moe": moe["step"]}, iters, clock)
+            dense["ms"], moe["ms"] = ms["dense"], ms["moe"]
         for label, r in (("dense", dense), ("SwitchHead", moe)):
             peak = f"{r['peak'] / 2**20:.1f}" if r["peak"] is not None else "n/a"
             ratio_t = f"{r['ms'] / dense['ms']:.2f}" if r is moe else "1.00"

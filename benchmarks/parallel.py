@@ -129,21 +129,55 @@ def run_worker_case(case: dict) -> dict:
         for step in range(case["warmup"]):
             trainer.step = step
             trainer.train_step(next(batches))
-        times = []
-        for step in range(case["warmup"], case["warmup"] + case["steps"]):
-            sync()
-            start = time.perf_counter()
-            trainer.step = step
-            trainer.train_step(next(batches))
-            sync()
-            times.append(time.perf_counter() - start)
-        result = {"step_time": statistics.median(times), "times": times}
+        times, cpu_times = [], []
+        with _collective_profile(case.get("profile") and distributed) as collectives:
+            for step in range(case["warmup"], case["warmup"] + case["steps"]):
+                sync()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                trainer.step = step
+                trainer.train_step(next(batches))
+                cpu_times.append(time.process_time() - cpu_start)
+                sync()
+                times.append(time.perf_counter() - start)
+        # CPU time: the work of the step on this rank, without the time spent blocked waiting
+        # for the other rank or for the core (load on a shared machine).
+        result = {"step_time": statistics.median(times), "times": times,
+                  "cpu_time": statistics.median(cpu_times)}  # fmt: skip
+        if collectives:
+            result["collectives"] = {
+                k: v / case["steps"] for k, v in collectives.items()
+            }  # per step, this rank
         if distributed:
             result.update(_count_bytes(trainer, runtime, batches, case["warmup"] + case["steps"]))
         return result
     finally:
         if distributed:
             runtime.shutdown()
+
+
+class _collective_profile:
+    """torch.profiler around the timed steps: how many gloo collectives a step runs and how
+    long this rank spends inside them (their own work plus waiting for the other rank)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.out = enabled, {}
+
+    def __enter__(self) -> dict:
+        if self.enabled:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof.__enter__()
+        return self.out
+
+    def __exit__(self, *exc) -> None:
+        if not self.enabled:
+            return
+        self.prof.__exit__(*exc)
+        for e in self.prof.key_averages():
+            if e.key.startswith("gloo:"):
+                self.out[f"{e.key} calls"] = e.count
+                self.out[f"{e.key} ms"] = e.cpu_time_total / 1e3
 
 
 def _count_bytes(trainer, runtime, batches, step: int) -> dict:
@@ -223,6 +257,7 @@ def cpu(args) -> None:
                 "run_dir": str(work / f"run{len(by_nproc.get(nproc, []))}_{nproc}"),
                 "warmup": args.warmup,
                 "steps": args.steps,
+                "profile": args.profile,
             }
         )
     results = {}
@@ -230,11 +265,15 @@ def cpu(args) -> None:
         results.update(_launch(nproc, cases, work))
     t1 = results[CPU_CASES[0][0]]["step_time"]
     print(f"per-rank batch {args.per_rank_batch} x {64} tokens, median of {args.steps} steps\n")
-    print("| layout | processes | step time (s) | weak-scaling efficiency vs DP=1 |")
-    print("|---|---:|---:|---:|")
+    c1 = results[CPU_CASES[0][0]]["cpu_time"]
+    print(
+        "| layout | processes | step time (s) | weak-scaling efficiency vs DP=1 | "
+        "CPU s/step (rank 0) | CPU time vs DP=1 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for name, nproc, _ in CPU_CASES:
-        t = results[name]["step_time"]
-        print(f"| {name} | {max(nproc, 1)} | {t:.3f} | {t1 / t:.0%} |")
+        t, c = results[name]["step_time"], results[name]["cpu_time"]
+        print(f"| {name} | {max(nproc, 1)} | {t:.3f} | {t1 / t:.0%} | {c:.3f} | {c / c1:.2f} |")
     print(
         "\n| layout | all-to-all bytes/step (all ranks) | uniform-routing estimate | "
         "DeepSpeed collective payload bytes/step (rank 0) | params dense / expert (rank 0) |"
@@ -253,6 +292,15 @@ def cpu(args) -> None:
             f"| {name} | {r['a2a_bytes_all_ranks']:,} | {est:,.0f} | {payload} | "
             f"{r['params']['dense']:,} / {r['params']['expert']:,} |"
         )
+    if args.profile:
+        print("\n| layout | gloo collectives / step (rank 0) | ms in them / step (rank 0) |")
+        print("|---|---:|---:|")
+        for name, _, _ in CPU_CASES:
+            c = results[name].get("collectives")
+            if c:
+                calls = sum(v for k, v in c.items() if k.endswith("calls"))
+                ms = sum(v for k, v in c.items() if k.endswith(" ms"))
+                print(f"| {name} | {calls:.0f} | {ms:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
@@ -302,6 +350,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--profile", action="store_true", help="count and time gloo collectives")
     p.add_argument("--gpu", nargs="*", help="configs to time on one GPU (needs --data)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM)")
     args = p.parse_args()

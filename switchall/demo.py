@@ -29,6 +29,27 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def steady_state(history: list[dict], tokens_per_step: int) -> tuple[float, float]:
+    """(seconds per step, tokens per second) over the steady-state logging windows.
+
+    Each logged step record closes a window and carries its mean `step_time`; the window's
+    length is the step count since the previous record. The first window (warm-up) is left
+    out when there is another. Both figures are totals over the same windows, total time /
+    total steps and total tokens / total time, so tokens/s = tokens per step / step time.
+    """
+    windows, last = [], 0
+    for r in history:
+        if "step_time" in r:
+            windows.append((r["step"] - last, r["step_time"]))
+            last = r["step"]
+    steady = windows[1:] or windows
+    if not steady:
+        raise ValueError("no logged training steps to time")
+    steps = sum(n for n, _ in steady)
+    seconds = sum(n * t for n, t in steady)
+    return seconds / steps, tokens_per_step * steps / seconds
+
+
 def train_one(config: str, run_dir: Path, overrides: list[str]) -> dict:
     from switchall.analysis.accounting import account
     from switchall.models import build_model
@@ -40,19 +61,34 @@ def train_one(config: str, run_dir: Path, overrides: list[str]) -> dict:
     result = Trainer(cfg, run_dir, runtime).run()
     params = sum(p.numel() for p in build_model(cfg.model).parameters())
     counts = account(cfg.model, params)
-    steps = [r for r in result["history"] if "step_time" in r]
-    steady = steps[1:] or steps  # the first logging window includes warm-up
+    step_time, tokens_per_s = steady_state(
+        result["history"], cfg.train.batch_size * cfg.model.seq_len
+    )
     vals = [r for r in result["history"] if "val_ppl" in r]
     return {
         "params": params,
         "attn_macs": counts["attn_macs"],
         "attn_mem": counts["attn_mem"],
-        "step_time": sum(r["step_time"] for r in steady) / len(steady),
-        "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
+        "step_time": step_time,
+        "tokens_per_s": tokens_per_s,
         "ppl_start": vals[0]["val_ppl"],
         "ppl_end": vals[-1]["val_ppl"],
         "device": str(runtime.device),
     }
+
+
+def machine() -> str:
+    """One line naming what the figures were measured on, to paste next to the table."""
+    import os
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
+    return (
+        f"{device}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def print_table(rows: dict[str, dict]) -> None:
@@ -72,6 +108,9 @@ def print_table(rows: dict[str, dict]) -> None:
     print(f"{'':<{width}}  " + "  ".join(f"{n:>{col}}" for n in names))
     for label, fmt in lines:
         print(f"{label:<{width}}  " + "  ".join(f"{fmt(rows[n]):>{col}}" for n in names))
+    print(
+        f"\n(step time and tokens/s: totals over the logging windows after the first; {machine()})"
+    )
     print()
 
 

@@ -89,7 +89,7 @@ def cvmm_fwd(
             x, weight, sorted_expert, order, offsets, gates, k, num_out_rows,
             deterministic, allow_tf32,
         )  # fmt: skip
-    return torch_forward(x, weight, order, offsets, gates, k, num_out_rows)
+    return torch_forward(x, weight, order, offsets, gates, k, num_out_rows, "auto", sorted_expert)
 
 
 @cvmm_fwd.register_fake
@@ -125,7 +125,7 @@ def cvmm_bwd(
     else:
         grads = torch_backward(
             grad_out, x, weight, order, offsets, gates, k, num_out_rows,
-            need_x, need_w, need_gates,
+            need_x, need_w, need_gates, "auto", sorted_expert,
         )  # fmt: skip
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 

@@ -14,13 +14,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from switchall.models.attention import DenseAttention
 from switchall.models.config import ModelConfig
 from switchall.models.init import dense_std, normal_
 from switchall.models.mlp import DenseMLP
 from switchall.models.routing import NoiseContext
-from switchall.models.sigma_moe import SigmaMoE
+from switchall.models.sigma_moe import (
+    RegulariserStats,
+    SigmaMoE,
+    StatsReducer,
+    reduce_regularisers,
+)
 from switchall.models.switchhead import SwitchHeadAttention
 
 
@@ -68,7 +74,18 @@ class LanguageModel(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size)
         self.drop = nn.Dropout(cfg.dropout)
+        self.activation_checkpointing = False
+        """Recompute each block in backward instead of keeping its activations (the trainer's
+        `train.activation_checkpointing`; not part of the model config or its checkpoints)."""
+        self.stats_reducer: StatsReducer | None = None
         self.reset_parameters()
+
+    def set_stats_reducer(self, reducer: StatsReducer | None) -> None:
+        """Sum the σ-MoE regularisers' statistics with `reducer`, all layers in one call."""
+        self.stats_reducer = reducer
+        for m in self.modules():
+            if isinstance(m, SigmaMoE):
+                m.defer_regulariser = reducer is not None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -91,14 +108,25 @@ class LanguageModel(nn.Module):
         x_BTD = self.drop(self.embedding(tokens_BT))
         new_memory: list[torch.Tensor] | None = [] if mem_len > 0 else None
         aux = x_BTD.new_zeros((), dtype=torch.float32)
+        deferred: list[RegulariserStats] = []
         for i, block in enumerate(self.blocks):
             mem_BMD = memory[i] if memory is not None else None
             if new_memory is not None:
                 ctx = x_BTD if mem_BMD is None else torch.cat([mem_BMD.to(x_BTD.dtype), x_BTD], 1)
                 new_memory.append(ctx[:, -mem_len:].detach())
-            x_BTD, block_aux = block(x_BTD, mem_BMD, noise)
-            if block_aux is not None:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: the recomputation replays the block under the same RNG state
+                # (nn.Dropout), and expert dropout is a hash of (noise seed, row, expert), so
+                # the routing it recomputes is the routing of the forward.
+                x_BTD, block_aux = checkpoint(block, x_BTD, mem_BMD, noise, use_reentrant=False)
+            else:
+                x_BTD, block_aux = block(x_BTD, mem_BMD, noise)
+            if isinstance(block_aux, RegulariserStats):
+                deferred.append(block_aux)
+            elif block_aux is not None:
                 aux = aux + block_aux
+        for reg in reduce_regularisers(deferred, self.stats_reducer) if deferred else []:
+            aux = aux + reg  # layer order, as the per-layer sums above
         logits_BTV = self.output(self.drop(self.ln_f(x_BTD)))
         return LMOutput(logits_BTV, new_memory, aux)
 

@@ -42,7 +42,18 @@ def xl_position_bias(pos_scores_BHTL: torch.Tensor, mem_len: int) -> torch.Tenso
     `pos_scores[..., i, r]` is query i's score for relative distance r. Key j sits at distance
     mem_len + i - j; future keys (negative distance) get -inf, which also applies the mask.
     """
-    *_, num_q, num_k = pos_scores_BHTL.shape
+    *lead, num_q, num_k = pos_scores_BHTL.shape
+    if num_k == mem_len + num_q and num_q > 1:
+        # The keys are the memory and the chunk, so row i reads distances mem_len + i down to
+        # 0 and then the future. Reversed, row i is the scores shifted right by
+        # num_q - 1 - i: Transformer-XL's relative shift, a pad and two views, where a gather
+        # (and its scatter-add backward) cost 2-3x as much. Same values, bit for bit.
+        rev = pos_scores_BHTL.flip(-1)
+        width = num_k + num_q - 1
+        padded = torch.nn.functional.pad(rev, (0, num_q - 1), value=float("-inf"))
+        flat = padded.reshape(*lead, num_q * width)
+        skewed = flat[..., num_q - 1 : num_q - 1 + num_q * (width - 1)]
+        return skewed.reshape(*lead, num_q, width - 1)[..., :num_k]
     i_T = torch.arange(num_q, device=pos_scores_BHTL.device)[:, None]
     j_L = torch.arange(num_k, device=pos_scores_BHTL.device)[None, :]
     dist_TL = i_T + mem_len - j_L

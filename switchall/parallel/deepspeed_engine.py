@@ -38,7 +38,7 @@ from torch import nn
 
 from switchall.checkpoint.entries import has_state, per_parameter_entries
 from switchall.pretrain.config import OptimConfig
-from switchall.pretrain.engine import param_groups
+from switchall.pretrain.engine import adamw_kernel, param_groups
 from switchall.pretrain.schedule import lr_at
 
 from .expert_parallel import ParallelSigmaMoE
@@ -201,7 +201,8 @@ def _optimizer(model: nn.Module, optim: OptimConfig, has_experts: bool) -> torch
         group["name"] = f"group{i}"
     if has_experts:
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=True)
+    kernel = adamw_kernel(model)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, **kernel)
 
 
 class DeepSpeedEngine:

@@ -50,14 +50,14 @@ from switchall.parallel.sharded_state import mark_shard
 
 
 class GlobalBatchStats:
-    """`SigmaMoE.stats_reducer` summing (softmax sum, count) over the data-parallel group."""
+    """The σ-MoE regulariser's `StatsReducer`: its statistics (every layer's softmax sums and
+    row counts in one vector) summed over the data-parallel group."""
 
     def __init__(self, group):
         self.group = group
 
-    def __call__(self, prob_sum_E: torch.Tensor, count: torch.Tensor):
-        both = all_reduce_sum(torch.cat([prob_sum_E, count.to(prob_sum_E.dtype)[None]]), self.group)
-        return both[:-1], both[-1]
+    def __call__(self, stats: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(stats, self.group)
 
 
 class ParallelSigmaMoE(SigmaMoE):
@@ -87,8 +87,7 @@ class ParallelSigmaMoE(SigmaMoE):
         else:
             y_XD = self.dispatched_experts(x_in_XD, idx_XK, gates_in_XK)
         y_XD = reduce_from_tensor_model_parallel_region(y_XD.contiguous(), group=tp)
-        reg = self.regulariser(logits_XE) if self.training else logits_XE.new_zeros(())
-        return y_XD.view(b, t, d), reg
+        return y_XD.view(b, t, d), self.regulariser_output(logits_XE)
 
     def dispatched_experts(
         self, x_XD: torch.Tensor, idx_XK: torch.Tensor, gates_XK: torch.Tensor

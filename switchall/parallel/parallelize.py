@@ -64,15 +64,14 @@ def apply_tensor_parallel(model: LanguageModel, layout: ParallelLayout) -> None:
 def apply_expert_parallel(model: LanguageModel, layout: ParallelLayout) -> None:
     """Step 2: cut σ-MoE experts to this rank's share; global-batch regulariser statistics."""
     for block in model.blocks:
-        if not isinstance(block.mlp, SigmaMoE):
-            continue
-        if layout.tp_size > 1 or layout.ep_size > 1:
+        if isinstance(block.mlp, SigmaMoE) and (layout.tp_size > 1 or layout.ep_size > 1):
             parallelize_sigma_moe(block.mlp, layout)
-        if layout.dp_size > 1:
-            # p̄ over the global batch (spec §4, sync_distributed): the data replicas' token
-            # statistics are summed; tensor-parallel ranks compute identical ones. With
-            # gradient accumulation, per micro-batch: the union of every replica's i-th one.
-            block.mlp.stats_reducer = GlobalBatchStats(layout.dp_group)
+    if layout.dp_size > 1:
+        # p̄ over the global batch (spec §4, sync_distributed): the data replicas' token
+        # statistics are summed; tensor-parallel ranks compute identical ones. With gradient
+        # accumulation, per micro-batch: the union of every replica's i-th one. All layers'
+        # statistics go in one all-reduce per forward (and one in backward).
+        model.set_stats_reducer(GlobalBatchStats(layout.dp_group))
 
 
 def parallelize_model(model: nn.Module, layout: ParallelLayout, cfg) -> ParallelModel:

@@ -38,6 +38,10 @@ class OptimConfig:
         check(self.grad_clip >= 0, join(prefix, "grad_clip"), "must be >= 0")
 
 
+# torch.compile backends that run on CPU and CUDA without extra packages.
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     steps: int = 1000
@@ -63,6 +67,12 @@ class TrainConfig:
     device: str = "auto"
     deterministic: bool = False
     """Deterministic algorithms (and the deterministic CVMM weight gradient)."""
+    compile: bool = False
+    """torch.compile the model (in place: checkpoints keep their parameter names)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (generates code), or aot_eager / eager for debugging."""
+    activation_checkpointing: bool = False
+    """Recompute each block (attention, routing, XL memory, MLP) in backward to save memory."""
 
     def validate(self, prefix: str = "") -> None:
         check(self.steps >= 0, join(prefix, "steps"), "must be >= 0")
@@ -74,6 +84,11 @@ class TrainConfig:
         check(self.ckpt_every >= 0, join(prefix, "ckpt_every"), "must be >= 0")
         check(self.ckpt_every_minutes >= 0, join(prefix, "ckpt_every_minutes"), "must be >= 0")
         check(self.keep_checkpoints >= 1, join(prefix, "keep_checkpoints"), "must be >= 1")
+        check(
+            self.compile_backend in COMPILE_BACKENDS,
+            join(prefix, "compile_backend"),
+            f"must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile_backend!r}",
+        )
 
 
 @dataclass(kw_only=True)

@@ -32,6 +32,7 @@ from switchall.pretrain.run_metrics import RunMetrics
 from switchall.pretrain.runtime import Runtime
 from switchall.pretrain.schedule import lr_at
 from switchall.pretrain.setup import RunSetup
+from switchall.pretrain.speed import apply_speed_options
 
 
 class Trainer:
@@ -45,6 +46,7 @@ class Trainer:
         model = build_model(cfg.model).to(self.device)
         self.run_metrics = RunMetrics(cfg, model, runtime, step_of=lambda: self.step)
         self.model = runtime.parallelize(model)
+        apply_speed_options(model, cfg.train)  # in place: parallelize kept the LanguageModel
         self.engine = runtime.build_engine(
             self.model, cfg.optim, cfg.train.steps, fp16=self.amp_dtype == torch.float16
         )

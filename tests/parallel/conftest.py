@@ -236,6 +236,17 @@ def two_ranks(dataset, reference, tmp_path_factory) -> tuple[dict, Path]:
             transformer_case, "transformer_z3", dataset, "parallel.zero_stage=3", steps=6, stop=3
         ),
         switchall_case("dispatch", dataset, "parallel.expert=2", kind="dispatch"),
+        # train.compile (Dynamo capture only: the cheap backend) and activation checkpointing
+        # under the distributed runtime, all-to-alls inside the recomputed blocks.
+        switchall_case(
+            "ep2_z1_compile_ac",
+            dataset,
+            "parallel.expert=2",
+            "parallel.zero_stage=1",
+            "train.compile=true",
+            "train.compile_backend=eager",
+            "train.activation_checkpointing=true",
+        ),
         # Resharding: further sources, then the loads under other layouts.
         switchall_case(
             "dp2_z1_stop",
