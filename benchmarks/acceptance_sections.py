@@ -191,7 +191,8 @@ def train_config(item: str, smoke: bool, budget_s: float) -> list[dict]:
     cuda = torch.cuda.is_available() and not smoke
     device = torch.device("cuda" if cuda else "cpu")
     overrides = [f"data.path={data}", "logging.wandb=disabled", "train.steps=1000"]
-    overrides += ["train.precision=bf16"] if cuda else ["train.batch_size=2", *SMOKE_MODEL]
+    smoke_cpu = ["train.precision=fp32", "train.batch_size=2", *SMOKE_MODEL]
+    overrides += ["train.precision=bf16"] if cuda else smoke_cpu
     cfg = load_run_config(REPO / item, overrides)
     run_dir = Path(os.environ.get("ACCEPTANCE_TMP", "/tmp")) / f"run-{Path(item).stem}"
     trainer = Trainer(cfg, run_dir, LocalRuntime(device))

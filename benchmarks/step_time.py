@@ -64,7 +64,14 @@ def build_trainers(
     from switchall.pretrain.runtime import LocalRuntime
     from switchall.pretrain.trainer import Trainer
 
-    overrides = [f"data.path={data}", "logging.wandb=disabled", "train.steps=100000", *extra]
+    # fp32: the benchmark's premise (the paper configs say fp16, which needs CUDA).
+    overrides = [
+        f"data.path={data}",
+        "logging.wandb=disabled",
+        "train.steps=100000",
+        "train.precision=fp32",
+        *extra,
+    ]
     if batch:
         overrides.append(f"train.batch_size={batch}")
     trainers = {}

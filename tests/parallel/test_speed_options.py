@@ -14,4 +14,4 @@ def test_compiled_checkpointed_expert_parallel_matches_one_process(two_ranks, re
     σ-MoE all-to-alls replayed inside the recomputation: the eager single process's losses
     and gradient norms, within the parity tolerances."""
     results, _ = two_ranks
-    assert_matches(results["ep2_z1_compile_ac"]["history"], reference["switchall"])
+    assert_matches(results["ep2_z1_compile_ac"]["history"], reference["switchall"], steps=3)
