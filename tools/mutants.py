@@ -69,6 +69,10 @@ KERN = "tests/kernels/test_cvmm_kernels.py"
 API = "tests/kernels/test_cvmm_api.py"
 SCHEDK = "tests/kernels/test_cvmm_schedule.py"
 PARITY = "tests/parallel/test_parity.py"
+CPU = "tests/kernels/test_cvmm_cpu.py"
+CKP = "tests/parallel/test_checkpoints.py"
+TS = "switchall/checkpoint/training_state.py"
+DENSE = "switchall/kernels/cvmm_torch_dense.py"
 
 # A table: one mutant per entry, its id, file and purpose on one line.
 # fmt: off
@@ -76,29 +80,29 @@ MUTANTS = [
     # ------------------------------------------------------------------ trainer resume
     Mutant(
         "M1", "switchall/pretrain/trainer.py", "resume ignores the checkpoint (restarts at 0)",
-        "path = self.ckpt.latest()\n        if path is None:",
-        "path = None\n        if path is None:",
+        "path = self.ckpt.select_resume()", "path = None",
         (f"{T}::test_resume_gives_identical_losses",),
     ),
     Mutant(
-        "M2", "switchall/pretrain/trainer.py", "resume does not restore the data position",
-        'self.loader.load_state_dict(state["loader"])', "pass",
+        "M2", TS, "resume does not restore the data position",
+        'trainer.loader.load_state_dict(state["loader"])', "pass",
         (f"{T}::test_resume_gives_identical_losses",),
     ),
     Mutant(
-        "M3", "switchall/pretrain/trainer.py", "resume does not restore the torch RNG",
-        'torch.set_rng_state(state["rng"]["torch"])', "pass",
+        "M3", TS, "resume does not restore the torch RNG",
+        'torch.set_rng_state(_unb64(state["torch"]))', "pass",
         (f"{T}::test_resume_gives_identical_losses",),
     ),
     Mutant(
-        "M4", "switchall/pretrain/trainer.py", "resume drops the XL memory",
-        "None if m is None else [t.to(self.device) for t in m] for m in",
-        "None for m in",
+        "M4", TS, "resume drops the XL memory",
+        "trainer.memory = memory if memory is not None else [None] * trainer.accum",
+        "trainer.memory = [None] * trainer.accum",
         (f"{T}::test_resume_gives_identical_losses",),
     ),
     Mutant(
-        "M5", "switchall/pretrain/trainer.py", "resume does not restore the optimiser",
-        'self.engine.load_state_dict(state["engine"])', "pass",
+        "M5", TS, "resume does not restore the optimiser (no AdamW entries loaded)",
+        'entries = engine.checkpoint_entries(optimizer=state["optimizer"], for_load=True)',
+        "entries = engine.checkpoint_entries(optimizer=False, for_load=True)",
         (f"{T}::test_resume_gives_identical_losses",),
     ),
     Mutant(
@@ -109,24 +113,23 @@ MUTANTS = [
     ),
     Mutant(
         "M7", "switchall/pretrain/trainer.py", "resume ignores the checkpoint (kill test only)",
-        "path = self.ckpt.latest()\n        if path is None:",
-        "path = None\n        if path is None:",
+        "path = self.ckpt.select_resume()", "path = None",
         (f"{T}::test_sigkilled_pretrain_resumes_with_identical_losses",),
     ),
     # ------------------------------------------------------------------ checkpoints
     Mutant(
-        "C1", "switchall/pretrain/checkpoint.py", "load skips the sha256 check",
-        "if _sha256(path) != expected:", "if False:",
-        (f"{CK}::test_corruption_is_named",),
+        "C1", "switchall/pretrain/checkpoint.py", "verify skips the sha256 check",
+        'if sha256_file(path) != entry.get("sha256"):', "if False:",
+        (f"{CK}::test_a_bad_latest_checkpoint_falls_back_loudly",),
     ),
     Mutant(
         "C2", "switchall/pretrain/checkpoint.py", "prune ignores `keep` (keeps 2)",
-        "self.complete()[: -self.keep]", "self.complete()[:-2]",
+        "self._prune(self.keep - 1)", "self._prune(1)",
         (f"{T}::test_short_run_lowers_validation_loss",),
     ),
     Mutant(
         "C3", "switchall/pretrain/checkpoint.py", "a killed save's temporary is never removed",
-        'if p.name.startswith(".tmp-step_"):', "if False:",
+        'if p.name.startswith((".tmp-step_", ".trash-")):', "if False:",
         (CK,),
     ),
     Mutant(
@@ -138,17 +141,26 @@ MUTANTS = [
         "C5", "switchall/pretrain/checkpoint.py", "saved in place, not in a renamed temporary",
         (
             'tmp = self.root / f".tmp-step_{step:08d}"',
-            "            if final.exists():  # an older save of the same step (e.g. resumed, "
-            "then re-saved)\n                shutil.rmtree(final)\n"
-            "            os.replace(tmp, final)",
+            "                if final.exists():  # a corrupt one skipped at resume, now "
+            "superseded\n                    self._trash(final)\n"
+            "                os.replace(tmp, final)",
         ),
-        ("tmp = final", "            pass"),
+        ("tmp = final", "                pass"),
         (CK,),
     ),
     Mutant(
         "C6", "switchall/pretrain/checkpoint.py", "a step directory without meta.json counts",
         'if m and (p / "meta.json").is_file():', "if m:",
-        (f"{CK}::test_save_load_prune",),
+        (f"{CK}::test_save_verify_prune",),
+    ),
+    Mutant(
+        "C7", "switchall/checkpoint/boxes.py", "flat-range boxes: the partial last row one row up",
+        "out += [((full_end, *o), (1, *s)) for o, s in _boxes(shape[1:], 0, hi % row)]",
+        "out += [((full_end - 1, *o), (1, *s)) for o, s in _boxes(shape[1:], 0, hi % row)]",
+        (
+            f"{CK}::test_flat_ranges_become_few_contiguous_boxes",
+            f"{CK}::test_dcp_reshards_between_flat_partitions_and_row_blocks",
+        ),
     ),
     # ------------------------------------------------------------------ loader order
     Mutant(
@@ -247,7 +259,8 @@ MUTANTS = [
     ),
     Mutant(
         "E5", "switchall/cli.py", "data errors are not exit code 2",
-        "if not isinstance(e, DataError):", "if True:",
+        "return (ConfigError, DataError, CheckpointError, RunLockedError)",
+        "return (ConfigError, CheckpointError, RunLockedError)",
         (f"{EV}::test_data_errors_exit_2_naming_the_shard",),
     ),
     Mutant(
@@ -284,20 +297,64 @@ MUTANTS = [
         (MOD,),
     ),
     # ------------------------------------------------------------------ cvmm, torch path
+    # Three CPU paths (cvmm_torch.py): the sorted one (gemm "loop" and "grouped_mm" share its
+    # gating code) and every expert densely (cvmm_torch_dense.py), as "expand" (V, per-slot
+    # outputs) or "combine" (O, slots summed per output row): a, b, c. KERN runs the backend
+    # under gemm="auto", which takes each of them for some of its cases (fp32: dense where the
+    # FLOP factor is <= 2, else grouped_mm or loop; 16-bit: sorted); CPU forces each in turn.
     Mutant(
-        "CT1", "switchall/kernels/cvmm_torch.py", "forward ignores the gates",
-        "y_MO.to(acc) * g_M[:, None])", "y_MO.to(acc))",
-        (KERN,),
+        "CT1a", "switchall/kernels/cvmm_torch.py", "forward ignores the gates (sorted)",
+        "_slot_sum(y_MO.to(acc), inverse_M, num_out_rows, gates_M)",
+        "_slot_sum(y_MO.to(acc), inverse_M, num_out_rows, None)",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
     ),
     Mutant(
-        "CT2", "switchall/kernels/cvmm_torch.py", "input gradient misses the gate",
-        "                t_MI = t_MI * g_M[:, None]", "                pass",
-        (KERN,),
+        "CT1b", DENSE, "forward ignores the gates (dense expand)",
+        "psw = gates_M.reshape(num_out_rows, slots).to(y.dtype)", "psw = None",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
     ),
     Mutant(
-        "CT3", "switchall/kernels/cvmm_torch.py", "weight gradient misses the gate",
-        "go_MO = (go_MO.to(acc) * g_M[:, None]).to(go_MO.dtype)", "go_MO = go_MO",
-        (KERN,),
+        "CT1c", DENSE, "forward ignores the gates (dense combine)",
+        "a, _ = _combined_inputs(x_rows, ids_M, gates_M, k, num_out_rows, e)",
+        "a, _ = _combined_inputs(x_rows, ids_M, torch.ones_like(gates_M), k, num_out_rows, e)",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
+    ),
+    Mutant(
+        "CT2a", "switchall/kernels/cvmm_torch.py", "input gradient misses the gate (sorted)",
+        "_slot_sum(t_MI, inverse_M, x_rows.shape[0], gates_M)",
+        "_slot_sum(t_MI, inverse_M, x_rows.shape[0], None)",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
+    ),
+    Mutant(
+        "CT2b", DENSE, "input gradient misses the gate (dense expand)",
+        "            grad_x = dy @ w_IF.t()",
+        "            grad_x = go_MO.new_zeros(dy.shape[0] * e, o).index_add_(0, row_M, go_MO)"
+        ".view(dy.shape) @ w_IF.t()",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
+    ),
+    Mutant(
+        "CT2c", DENSE, "input gradient misses the gate (dense combine)",
+        "psw = gates_M.reshape(-1, k).to(da.dtype)", "psw = None",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
+    ),
+    Mutant(
+        "CT3a", "switchall/kernels/cvmm_torch.py", "weight gradient misses the gate (sorted)",
+        "go_MO = (go_MO.to(acc) * g_M1).to(go_MO.dtype)", "go_MO = go_MO",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
+    ),
+    Mutant(
+        "CT3b", DENSE, "weight gradient misses the gate (dense expand)",
+        "grad_w = (x_rows.t() @ dy)",
+        "grad_w = (x_rows.t() @ go_MO.new_zeros(dy.shape[0] * e, o).index_add_(0, row_M, go_MO)"
+        ".view(dy.shape))",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
+    ),
+    Mutant(
+        "CT3c", DENSE, "weight gradient misses the gate (dense combine)",
+        "a, target_M = _combined_inputs(x_rows, ids_M, gates_M, k, num_out_rows, e)",
+        "a, target_M = _combined_inputs(x_rows, ids_M, torch.ones_like(gates_M), k, "
+        "num_out_rows, e)",
+        (KERN, f"{CPU}::test_both_paths_match_reference_fp32"),
     ),
     Mutant(
         "CT4", "switchall/kernels/cvmm_torch.py", "gate gradient averaged, not summed",
@@ -321,8 +378,12 @@ MUTANTS = [
         (f"{SCHEDK}::test_gated_path_never_allocates_per_slot_rows",),
     ),
     Mutant(
-        "CT5", "switchall/kernels/cvmm_torch.py", "weight gradient misses the gate (compiled)",
-        "go_MO = (go_MO.to(acc) * g_M[:, None]).to(go_MO.dtype)", "go_MO = go_MO",
+        # The inductor test's gated matmul (σ-MoE W2: 4 experts, 2 slots per output row) takes
+        # the dense combine path under gemm="auto" (FLOP factor 2).
+        "CT5", DENSE, "weight gradient misses the gate (dense combine, compiled)",
+        "a, target_M = _combined_inputs(x_rows, ids_M, gates_M, k, num_out_rows, e)",
+        "a, target_M = _combined_inputs(x_rows, ids_M, torch.ones_like(gates_M), k, "
+        "num_out_rows, e)",
         ("tests/kernels/test_cvmm_compile.py::test_inductor_compiles_around_the_op",),
     ),
     # ------------------------------------------------------------------ data preparation, kill
@@ -336,11 +397,11 @@ MUTANTS = [
         "D1", "switchall/models/lm.py", "residual and embedding dropout always off",
         (
             "        self.drop = nn.Dropout(cfg.dropout)\n\n    def forward(",
-            "        self.drop = nn.Dropout(cfg.dropout)\n        self.reset_parameters()",
+            "        self.drop = nn.Dropout(cfg.dropout)\n        self.activation_checkpointing",
         ),
         (
             "        self.drop = nn.Dropout(0.0)\n\n    def forward(",
-            "        self.drop = nn.Dropout(0.0)\n        self.reset_parameters()",
+            "        self.drop = nn.Dropout(0.0)\n        self.activation_checkpointing",
         ),
         (
             f"{LM}::test_dropout_sites_and_rate",
@@ -359,6 +420,37 @@ MUTANTS = [
         '"gradient_clipping": optim.grad_clip if stage > 0 else 0.0,',
         '"gradient_clipping": 0.0,',
         (f"{PARITY}::test_two_rank_layouts_match_one_process",),
+    ),
+    Mutant(
+        "C8", "switchall/parallel/expert_parallel.py",
+        "EP experts saved under the mirrored rank's global index",
+        "mark_shard(local, 0, e0, moe.num_experts)",
+        "mark_shard(local, 0, moe.num_experts - per_rank - e0, moe.num_experts)",
+        (
+            f"{CKP}::test_resume_in_one_process[ep2_z2_split-ep2_to_ep1]",
+            f"{CKP}::test_every_expert_saved_once_and_back_as_the_same_expert",
+        ),
+    ),
+    Mutant(
+        "C9", "switchall/parallel/zero_state.py", "ZeRO-1/2 load skips the AdamW moments",
+        "if mapping is None:  # no fragment of this parameter in this rank's partition",
+        "if mapping is None or for_load:  # no fragment of this parameter in this rank's "
+        "partition",
+        (f"{CKP}::test_resume_under_another_layout[two_ranks-z1_to_z2-dp2_z1_split-10]",),
+    ),
+    # ------------------------------------------------------------------ launch, sweep (slow)
+    Mutant(
+        "L1", "switchall/pretrain/control.py", "the stop flag is not agreed across ranks",
+        "torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)", "pass",
+        (
+            "tests/launch/test_torchrun.py::"
+            "test_two_nodes_agree_on_the_stop_step_and_a_raising_rank_ends_the_job",
+        ),
+    ),
+    Mutant(
+        "W1", "switchall/sweep/runner.py", "sweep run re-runs a finished point",
+        'elif s == "done":', "elif False:",
+        ("tests/scaling/test_sweep.py::test_sweep_is_killed_resumes_and_reports_failures",),
     ),
 ]
 # fmt: on
