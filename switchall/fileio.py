@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (checkpoint and export listings)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries, so a rename into it survives a power loss."""
+    """Flush a directory's entries (or a file's data), so a rename into it survives a power
+    loss."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -75,14 +75,6 @@ __all__ = [
 ]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tokenizer_entry(tokenizer_path: Path | None, cfg: ModelConfig) -> tuple[dict, bytes | None]:
     if tokenizer_path is None:
         if cfg.vocab_size < BYTE_VOCAB:
@@ -178,7 +170,7 @@ def save_pretrained(
                     memory_format=torch.contiguous_format,
                 )
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
-            _fsync(tmp / fname)
+            fsync_dir(tmp / fname)
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             files[fname] = {
                 "bytes": (tmp / fname).stat().st_size,

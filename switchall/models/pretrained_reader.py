@@ -6,7 +6,6 @@ a parallel run can take its own shard of every tensor without loading the whole 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from safetensors import safe_open
 
 from switchall.configtools import ConfigError, from_dict, validate_tree
 from switchall.data_pipeline.manifest import DataError
+from switchall.fileio import sha256_file
 from switchall.models.config import ModelConfig
 from switchall.models.lm import build_model
 
@@ -30,14 +30,6 @@ SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 
 class PretrainedError(DataError):
     """A missing, corrupt or mismatched export; the message names the file and tensor."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,6 @@ barrier and all_gather_object.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from switchall.checkpoint.errors import CheckpointError
-from switchall.fileio import fsync_dir, write_atomic
+from switchall.fileio import fsync_dir, sha256_file, write_atomic
 
 __all__ = ["CheckpointError", "CheckpointManager", "SingleProcess"]
 
@@ -43,14 +42,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 FORMAT = "switchall.checkpoint"
 FORMAT_VERSION = 2
 LEGACY_FILES = ("model_rank0.pt", "train_state_rank0.pt")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _say(message: str) -> None:
