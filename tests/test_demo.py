@@ -14,16 +14,11 @@ import pytest
 from switchall import demo
 from switchall.pretrain.metrics import read_metrics
 from tests.subproc import REPO
+from tests.tiny import TINY_MODEL
 
 TINY = [
     "model.vocab_size=256",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.seq_len=16",
-    "model.attention.d_head=16",
-    "model.moe.n_experts=4",
-    "model.moe.expert_size=16",
-    "model.moe.k=2",
+    *TINY_MODEL,
     "model.mlp.d_ff=64",
     "train.batch_size=4",
     "train.log_every=2",

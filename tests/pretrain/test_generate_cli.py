@@ -12,16 +12,11 @@ import pytest
 from switchall.cli import main as cli_main
 from switchall.models import save_pretrained
 from switchall.pretrain.generate_cli import load_run_model
+from tests.tiny import TINY_MODEL
 
 TINY = [
     "model.vocab_size=256",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.seq_len=16",
-    "model.attention.d_head=16",
-    "model.moe.n_experts=4",
-    "model.moe.expert_size=16",
-    "model.moe.k=2",
+    *TINY_MODEL,
     "train.batch_size=4",
     "train.steps=3",
     "train.eval_batches=1",

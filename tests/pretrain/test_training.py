@@ -26,16 +26,11 @@ from switchall.pretrain.metrics import latest_per_step, read_metrics
 from switchall.pretrain.runtime import LocalRuntime
 from switchall.pretrain.trainer import Trainer
 from tests.subproc import REPO, subprocess_env
+from tests.tiny import TINY_MODEL
 
 TINY = [
     "model.vocab_size=400",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.seq_len=16",
-    "model.attention.d_head=16",
-    "model.moe.n_experts=4",
-    "model.moe.expert_size=16",
-    "model.moe.k=2",
+    *TINY_MODEL,
     "train.batch_size=4",
     "train.log_every=2",
     "train.eval_batches=4",

@@ -9,17 +9,12 @@ from pathlib import Path
 import pytest
 
 from switchall.cli import main as cli_main
+from tests.tiny import TINY_MODEL
 
 # Tiny models: byte-pair vocabulary 400, 2 layers of width 32, chunks of 16 tokens.
 TINY = [
     "model.vocab_size=400",
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.seq_len=16",
-    "model.attention.d_head=16",
-    "model.moe.n_experts=4",
-    "model.moe.expert_size=16",
-    "model.moe.k=2",
+    *TINY_MODEL,
     "train.batch_size=4",
     "train.log_every=2",
     "train.eval_batches=2",
