@@ -83,15 +83,17 @@ def save_load(tmp: Path, repeats: int) -> dict:
     run = tmp / "ckpt"
     trainer = Trainer(cfg, run, LocalRuntime(torch.device("cpu")))
     trainer.train_step(next(iter(trainer.loader)))  # so that the optimiser has its state
-    trainer.step = 1
     saves, loads = [], []
-    for _ in range(repeats):
+    for i in range(repeats):
+        # A new step each time: the trainer does not re-save a step already on disk.
+        trainer.step = i + 1
         t = time.perf_counter()
         path = trainer.save()
         saves.append(time.perf_counter() - t)
         t = time.perf_counter()
         trainer._resume()
         loads.append(time.perf_counter() - t)
+        assert trainer.step == i + 1, (trainer.step, i + 1)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     params = sum(p.numel() for p in trainer.model.parameters())
     trainer.close()
