@@ -119,27 +119,76 @@ def _train(args: argparse.Namespace, cfg, resume: bool, rank: int) -> int:
     return 0
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
+def _export_config(model_dir: Path, overrides: list[str]):
+    """The run config that evaluates an export: its model, the dataset of `data.path=`."""
+    from switchall.config import build_run_config
+    from switchall.configtools import apply_override, parse_override
+    from switchall.models.pretrained import read_config
+
+    if not any(o.startswith("data.path=") for o in overrides):
+        raise ConfigError("data.path", "evaluate --model needs the dataset: add data.path=DIR")
+    tree = {"model": read_config(model_dir)["model"]}
+    source = str(model_dir / "config.json")
+    try:
+        for text in overrides:
+            parts, value = parse_override(text)
+            apply_override(tree, parts, value)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.message, source=source) from None
+    return build_run_config(tree, source=source)
+
+
+def _evaluation_model(args, overrides: list[str]):
+    """(run config, model, step or None, what was loaded) of `evaluate`'s argument: a run
+    directory's checkpoint of any layout, or an export directory (`--model`)."""
     from switchall.checkpoint.consolidate import consolidate
     from switchall.models import build_model
     from switchall.pretrain.checkpoint import CheckpointManager
-    from switchall.pretrain.evaluate import validate
-    from switchall.pretrain.runtime import LocalRuntime, resolve_device
-    from switchall.pretrain.setup import RunSetup
 
+    if args.model is not None:
+        from switchall.models.pretrained import load_pretrained, load_pretrained_tokenizer
+
+        if args.run_dir is not None or args.checkpoint is not None:
+            raise ConfigError("--model", "give an export directory or a run directory, not both")
+        model_dir = Path(args.model)
+        cfg = _export_config(model_dir, overrides)
+        model, _ = load_pretrained(model_dir)
+        return cfg, model, None, model_dir, load_pretrained_tokenizer(model_dir).info()["sha256"]
+    if args.run_dir is None:
+        raise ConfigError("", "evaluate needs a run directory or --model EXPORT_DIR")
     run_dir = Path(args.run_dir)
-    overrides = list(args.overrides) + ["logging.wandb=disabled"]
     cfg = load_run_config(run_dir / "config.yaml", overrides)
-    runtime = LocalRuntime(resolve_device(cfg.train.device))
     manager = CheckpointManager(run_dir / "checkpoints")
     ckpt = Path(args.checkpoint) if args.checkpoint else manager.latest()
     if ckpt is None:
         raise ConfigError("", f"{run_dir / 'checkpoints'} holds no complete checkpoint")
-    setup = RunSetup(cfg, run_dir, runtime, resume=True, write=False)
-    setup.check_checkpoint_meta(manager.read_meta(ckpt), ckpt)
+    meta = manager.read_meta(ckpt)
     model = build_model(cfg.model)
     # Any layout: the checkpoint's weights consolidated into the single-device state dict.
     model.load_state_dict(consolidate(ckpt))
+    return cfg, model, meta, ckpt, None
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from switchall.pretrain.evaluate import validate
+    from switchall.pretrain.runtime import LocalRuntime, resolve_device
+    from switchall.pretrain.setup import RunSetup
+
+    if args.model is not None and args.run_dir is not None and "=" in args.run_dir:
+        # `evaluate --model DIR data.path=...`: argparse took the first override for RUN_DIR.
+        args.overrides, args.run_dir = [args.run_dir, *args.overrides], None
+    overrides = list(args.overrides) + ["logging.wandb=disabled"]
+    cfg, model, meta, source, tokenizer_sha256 = _evaluation_model(args, overrides)
+    runtime = LocalRuntime(resolve_device(cfg.train.device))
+    setup = RunSetup(cfg, Path(args.run_dir or args.model), runtime, resume=True, write=False)
+    if meta is not None:
+        setup.check_checkpoint_meta(meta, source)
+    elif tokenizer_sha256 != setup.tokenizer_sha256:
+        raise ConfigError(
+            "data.path",
+            f"the tokenizer of {cfg.data.path} differs from the one export {source} was trained "
+            "with",
+        )
     model.to(runtime.device)
     result = validate(
         model,
@@ -150,11 +199,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.batches or 0,  # the whole split unless --batches (train.eval_batches is training's)
         byte_level=setup.byte_level,
     )
-    step = manager.read_meta(ckpt)["step"]
+    step = meta["step"] if meta is not None else None
     if args.json:
-        print(json.dumps({**result.record(step), "checkpoint": str(ckpt)}))
+        key = "checkpoint" if meta is not None else "model"
+        print(json.dumps({**result.record(step), key: str(source)}))
     else:
-        print(f"{ckpt}: step {step}  {result.describe()}  ({result.tokens:,} tokens)")
+        at = f"step {step}  " if step is not None else ""
+        print(f"{source}: {at}{result.describe()}  ({result.tokens:,} tokens)")
     return 0
 
 
@@ -192,10 +243,17 @@ def register(verbs: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=run_pretrain)
 
-    e = verbs.add_parser("evaluate", help="validation loss / perplexity of a run's checkpoint")
-    e.add_argument("run_dir", help="a run directory written by `switchall pretrain`")
+    e = verbs.add_parser(
+        "evaluate", help="validation loss / perplexity of a run's checkpoint or an export"
+    )
+    e.add_argument("run_dir", nargs="?", help="a run directory written by `switchall pretrain`")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides (e.g. data.path=...)")
     e.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
+    e.add_argument(
+        "--model",
+        help="an export directory (`switchall export`) instead of a run directory; the "
+        "dataset is then given as data.path=DIR",
+    )
     e.add_argument(
         "--batches",
         type=_positive_int,

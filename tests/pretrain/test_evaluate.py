@@ -156,6 +156,40 @@ def test_evaluate_batches_and_checkpoint(run, byte_ds, capsys, tmp_path):
         cli_main(["evaluate", str(run), "--batches", "0"])
 
 
+def test_evaluate_an_export(run, byte_ds, capsys, tmp_path, monkeypatch):
+    """`evaluate --model EXPORT data.path=...`: the exported model's loss over the whole split,
+    as computed independently and as `evaluate RUN_DIR` gives for the checkpoint it came from;
+    the dataset must be named and carry the export's tokenizer."""
+    from switchall.models.pretrained import load_pretrained
+
+    cfg = load_run_config(run / "config.yaml")
+    B, T = cfg.train.batch_size, cfg.model.seq_len
+    export = tmp_path / "export"
+    assert cli_main(["export", str(run), "--out", str(export)]) == 0
+    args = ["--model", str(export), f"data.path={byte_ds}", f"train.batch_size={B}"]
+    out = evaluate_json(capsys, *args)
+    want, tokens = independent_loss(load_pretrained(export)[0], byte_ds, B, T, batches=None)
+    assert out["model"] == str(export) and out["step"] is None and out["val_tokens"] == tokens
+    assert out["val_loss"] == pytest.approx(want, rel=1e-6)
+    assert out["val_loss"] == pytest.approx(evaluate_json(capsys, str(run))["val_loss"], rel=1e-6)
+    capsys.readouterr()
+    assert cli_main(["evaluate", "--model", str(export)]) == 2
+    assert "data.path" in capsys.readouterr().err
+    assert cli_main(["evaluate", str(run), "--model", str(export)]) == 2
+    assert "not both" in capsys.readouterr().err
+
+    class OtherTokenizer:
+        def info(self):
+            return {"type": "sentencepiece", "sha256": "0" * 64}
+
+    import switchall.models.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "load_pretrained_tokenizer", lambda path: OtherTokenizer())
+    assert cli_main(["evaluate", *args]) == 2
+    err = capsys.readouterr().err
+    assert "data.path" in err and "tokenizer" in err and str(export) in err
+
+
 def damaged_copy(dataset: Path, dest: Path, split: str) -> str:
     """A copy of `dataset` whose first `split` shard has one flipped byte."""
     ds = shutil.copytree(dataset, dest)
