@@ -70,6 +70,28 @@ def load_run_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfi
     return build_run_config(tree, source=str(path))
 
 
+def export_run_config(model_dir: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config that evaluates or analyses an export directory: the export's model
+    (`config.json`), everything else from the defaults and `section.key=value` overrides; the
+    dataset must be named (`data.path=DIR`)."""
+    import json
+
+    source = str(Path(model_dir) / "config.json")
+    if not any(o.startswith("data.path=") for o in overrides):
+        raise ConfigError("data.path", "an export names no dataset: add data.path=DIR")
+    try:
+        tree = {"model": json.loads(Path(source).read_text())["model"]}
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError("", f"{source}: not an export's config.json ({e})") from None
+    try:
+        for text in overrides:
+            parts, value = parse_override(text)
+            apply_override(tree, parts, value)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.message, source=source) from None
+    return build_run_config(tree, source=source)
+
+
 def dump_run_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config; atomic, so a crash never leaves a torn config.yaml."""
     from switchall.fileio import write_atomic

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from switchall.config import RunConfig
 from switchall.configtools import ConfigError
+from switchall.data_pipeline import read_manifest
 from switchall.pretrain.checkpoint import CheckpointManager
 
 
@@ -35,18 +36,31 @@ class LoadedModel:
     source: str
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """A trained model from a run directory: its latest checkpoint, of any parallel layout.
-
-    Run directories only (not exports): the analyses read the run's validation split."""
+def load_model(path: str | Path, data: str | None = None) -> LoadedModel:
+    """A trained model: a run directory's latest checkpoint (of any parallel layout), or an
+    export directory (`switchall export`) with `data`, the dataset to read its text from (a
+    run directory reads its own `data.path`, or `data` when given)."""
+    from switchall.config import export_run_config
+    from switchall.models.pretrained import CONFIG_NAME, load_pretrained, load_pretrained_tokenizer
     from switchall.pretrain.generate_cli import load_run_model
 
     path = Path(path)
-    if not (path / "config.yaml").is_file():
-        raise ConfigError("", f"{path}: not a run directory (no config.yaml)")
-    model, cfg, meta = load_run_model(path)
-    ckpt = CheckpointManager(path / "checkpoints").latest()
-    return LoadedModel(path.name, model, cfg, str(ckpt))
+    if (path / "config.yaml").is_file():
+        model, cfg, _ = load_run_model(path)
+        if data is not None:
+            cfg = replace(cfg, data=replace(cfg.data, path=str(data)))
+        ckpt = CheckpointManager(path / "checkpoints").latest()
+        return LoadedModel(path.name, model, cfg, str(ckpt))
+    if (path / CONFIG_NAME).is_file():
+        if data is None:
+            raise ConfigError("--data", f"{path} is an export: give the dataset with --data DIR")
+        cfg = export_run_config(path, [f"data.path={data}", "logging.wandb=disabled"])
+        model, _ = load_pretrained(path)
+        tokenizer = load_pretrained_tokenizer(path).info()["sha256"]
+        if tokenizer != read_manifest(data).tokenizer.get("sha256"):
+            raise ConfigError("--data", f"{data} has another tokenizer than export {path}")
+        return LoadedModel(path.name, model, cfg, str(path))
+    raise ConfigError("", f"{path}: neither a run directory (config.yaml) nor an export")
 
 
 def explicit_attend(store: list[torch.Tensor]):

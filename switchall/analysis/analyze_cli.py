@@ -55,7 +55,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     from switchall.data_pipeline import load_tokenizer
     from switchall.fileio import write_atomic
 
-    models = [an.load_model(args.model)] + ([an.load_model(args.compare)] if args.compare else [])
+    paths = [args.model] + ([args.compare] if args.compare else [])
+    models = [an.load_model(p, args.data) for p in paths]
     if len({_tokenizer_sha(m) for m in models}) > 1:
         raise ConfigError("--compare", "the two models were trained with different tokenizers")
     names = [m.name for m in models]
@@ -109,9 +110,14 @@ def register(verbs: argparse._SubParsersAction) -> None:
         help="attention maps and expert selections of a trained model (spec §9)",
         description=__doc__,
     )
-    p.add_argument("model", help="a run directory (its latest single-process checkpoint)")
+    p.add_argument(
+        "model", help="a run directory (its latest checkpoint, any layout) or an export directory"
+    )
     p.add_argument("--compare", help="a second model (e.g. the dense baseline), same tokenizer")
     p.add_argument("--out", required=True, help="output directory for PNGs and summary.json")
+    p.add_argument(
+        "--data", help="the dataset to analyse on (needed for an export; default: the run's)"
+    )
     p.add_argument("--tokens", type=int, default=64, help="tokens of text for attention maps")
     p.add_argument("--batches", type=int, default=8, help="validation batches for usage")
     p.add_argument("--batch-size", type=int, default=4, help="rows per validation batch")

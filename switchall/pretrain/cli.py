@@ -119,29 +119,11 @@ def _train(args: argparse.Namespace, cfg, resume: bool, rank: int) -> int:
     return 0
 
 
-def _export_config(model_dir: Path, overrides: list[str]):
-    """The run config that evaluates an export: its model, the dataset of `data.path=`."""
-    from switchall.config import build_run_config
-    from switchall.configtools import apply_override, parse_override
-    from switchall.models.pretrained import read_config
-
-    if not any(o.startswith("data.path=") for o in overrides):
-        raise ConfigError("data.path", "evaluate --model needs the dataset: add data.path=DIR")
-    tree = {"model": read_config(model_dir)["model"]}
-    source = str(model_dir / "config.json")
-    try:
-        for text in overrides:
-            parts, value = parse_override(text)
-            apply_override(tree, parts, value)
-    except ConfigError as e:
-        raise ConfigError(e.key, e.message, source=source) from None
-    return build_run_config(tree, source=source)
-
-
 def _evaluation_model(args, overrides: list[str]):
     """(run config, model, step or None, what was loaded) of `evaluate`'s argument: a run
     directory's checkpoint of any layout, or an export directory (`--model`)."""
     from switchall.checkpoint.consolidate import consolidate
+    from switchall.config import export_run_config
     from switchall.models import build_model
     from switchall.pretrain.checkpoint import CheckpointManager
 
@@ -151,7 +133,7 @@ def _evaluation_model(args, overrides: list[str]):
         if args.run_dir is not None or args.checkpoint is not None:
             raise ConfigError("--model", "give an export directory or a run directory, not both")
         model_dir = Path(args.model)
-        cfg = _export_config(model_dir, overrides)
+        cfg = export_run_config(model_dir, overrides)
         model, _ = load_pretrained(model_dir)
         return cfg, model, None, model_dir, load_pretrained_tokenizer(model_dir).info()["sha256"]
     if args.run_dir is None:

@@ -56,6 +56,22 @@ def test_analyze_switchall_against_dense(tiny_dataset, tmp_path, capsys):
     ):
         png = out / f"{name}.png"
         assert png.stat().st_size > 5_000 and str(png) in printed
+    # An export of the same model, analysed on the same data, gives the same figures.
+    export = tmp_path / "sa_export"
+    assert cli_main(["export", str(tmp_path / "sa"), "--out", str(export)]) == 0
+    out2 = tmp_path / "an_export"
+    argv2 = [*argv[:1], str(export), *argv[2:]]
+    argv2[argv2.index("--out") + 1] = str(out2)
+    assert cli_main([*argv2, "--data", str(tiny_dataset)]) == 0
+    again = json.loads((out2 / "summary.json").read_text())
+    for key in ("text", "tokens"):
+        assert again[key] == summary[key]
+    for a, b in zip(again["models"], summary["models"], strict=True):
+        assert (a["attention"], a["experts"]) == (b["attention"], b["experts"])
+        assert a["val_loss_on_batches"] == b["val_loss_on_batches"]
+    capsys.readouterr()
+    assert cli_main(argv2) == 2  # an export names no dataset
+    assert "--data" in capsys.readouterr().err
     # The captured maps are causal probability distributions, and capturing them leaves the
     # model's output unchanged.
     lm = load_model(tmp_path / "sa")
