@@ -306,3 +306,19 @@ def test_loading_never_unpickles(tmp_path):
     dest = torch.zeros(6)
     dcp_io.load({"w": GlobalTensor.of_shard(dest)}, tmp_path, no_dist=True)
     assert torch.equal(dest, t) and not marker.exists()
+
+
+def test_model_sections_compare_through_the_model_config():
+    """A checkpoint written before a model field existed (here `routing_init` and
+    `output_init`) resumes: missing fields compare at their defaults; `init_from` is ignored;
+    any real difference is not."""
+    from switchall.config import load_run_config
+    from switchall.configtools import to_dict
+    from switchall.pretrain.setup import same_architecture
+
+    current = to_dict(load_run_config("configs/demo_switchall.yaml").model)
+    older = {k: v for k, v in current.items() if k not in ("routing_init", "output_init")}
+    assert older != current and same_architecture(older, current)
+    assert same_architecture({**current, "init_from": "/some/export"}, current)
+    assert not same_architecture({**current, "d_model": current["d_model"] * 2}, current)
+    assert not same_architecture({**older, "routing_init": "row_std"}, current)
