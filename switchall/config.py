@@ -74,15 +74,12 @@ def export_run_config(model_dir: str | Path, overrides: Sequence[str] = ()) -> R
     """The run config that evaluates or analyses an export directory: the export's model
     (`config.json`), everything else from the defaults and `section.key=value` overrides; the
     dataset must be named (`data.path=DIR`)."""
-    import json
+    from switchall.models.pretrained_reader import CONFIG_NAME, read_config
 
-    source = str(Path(model_dir) / "config.json")
+    source = str(Path(model_dir) / CONFIG_NAME)
     if not any(o.startswith("data.path=") for o in overrides):
         raise ConfigError("data.path", "an export names no dataset: add data.path=DIR")
-    try:
-        tree = {"model": json.loads(Path(source).read_text())["model"]}
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError("", f"{source}: not an export's config.json ({e})") from None
+    tree = {"model": read_config(model_dir)["model"]}  # format and version checked
     try:
         for text in overrides:
             parts, value = parse_override(text)
