@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from switchall.kernels.cvmm_torch import torch_backward, torch_forward
+from switchall.kernels.cvmm_torch import cvmm_torch, torch_backward, torch_forward
 from switchall.kernels.selection import CVMMSelection, row_layout
 
 
@@ -156,10 +156,17 @@ def bmm_padded(x, sel, w, gates):
     return _shape(out, sel, out_lead, gates is not None, w.shape[-1])
 
 
+def autograd_auto(x, sel, w, gates):
+    """The torch backend's forward with its per-call path choice (gemm="auto"), outside the
+    custom op, differentiated by autograd (it saves the gathered rows instead of re-gathering)."""
+    return cvmm_torch(x, sel, w, gates, gemm="auto")
+
+
 CPU_CANDIDATES = {
     "v1_loop_scatter": v1_loop_scatter,
     "loop_gather": backend_path("loop"),
     "sorted_grouped_mm": backend_path("grouped_mm"),
     "dense_all_experts": backend_path("dense"),
     "bmm_padded": bmm_padded,
+    "autograd_auto": autograd_auto,
 }

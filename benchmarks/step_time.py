@@ -156,12 +156,31 @@ def breakdown(trainers: dict, steps: int, clock: str) -> None:
                 for k, v in zip(PHASES, times, strict=True):
                     phases[name][k].append(v)
     print(f"# ms per step ({clock} clock, mean of {steps} interleaved steps)")
-    for name in trainers:
+    for name, tr in trainers.items():
         ph = {k: sum(v) / len(v) * 1e3 for k, v in phases[name].items()}
         mods = {k: sum(v) / steps * 1e3 for k, v in spans[name].items()}
         print(f"\n## {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
         by_time = sorted(mods.items(), key=lambda kv: -kv[1])
         print("forward by module: " + ", ".join(f"{k} {v:.1f}" for k, v in by_time))
+        shared = shared_part(tr, next(batches[name]), steps, now) * 1e3
+        print(f"embedding + final norm + output layer + loss, forward+backward: {shared:.1f}")
+
+
+def shared_part(tr, batch, steps: int, now) -> float:
+    """Seconds of the part of a step every variant of one size shares: embedding, final norm,
+    output layer and loss, forward and backward, without the blocks (median of `steps`)."""
+    import statistics
+
+    import torch.nn.functional as F
+
+    model, times = tr.model, []
+    for _ in range(steps + 1):
+        start = now()
+        logits = model.output(model.ln_f(model.embedding(batch[:, :-1])))
+        F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).backward()
+        times.append(now() - start)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
 
 
 def profile(trainers: dict, steps: int, rows: int) -> None:

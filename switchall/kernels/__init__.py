@@ -1,8 +1,10 @@
 """Conditional vector-matrix multiplication (CVMM), the expert matmul of SwitchHead and σ-MoE.
 
-`cvmm` runs Triton kernels on CUDA tensors and a loop over experts on CPU tensors, both behind
-the `switchall::cvmm_fwd` / `switchall::cvmm_bwd` custom ops (see `cvmm_op.py`). Nothing here
-imports triton: the Triton backend is loaded on its first use.
+`cvmm` runs Triton kernels on CUDA tensors and the torch backend (cvmm_torch.py) on CPU
+tensors, both behind the `switchall::cvmm_fwd` / `switchall::cvmm_bwd` custom ops (see
+`cvmm_op.py`), except eager training calls on the torch backend, which autograd differentiates
+directly (faster on CPU; the op's backward trades that speed for memory). Nothing here imports
+triton: the Triton backend is loaded on its first use.
 
 Options resolve per call, then from the environment, then from defaults:
 - `backend`: "torch" | "triton" | "auto"; `$SWITCHALL_CVMM_BACKEND`; auto = triton on CUDA.
@@ -20,7 +22,7 @@ from typing import Any, Literal
 import torch
 
 from switchall.kernels.cvmm_op import cvmm_fwd, resolve_backend, resolve_deterministic
-from switchall.kernels.cvmm_torch import cvmm_reference, cvmm_torch
+from switchall.kernels.cvmm_torch import cvmm_reference, cvmm_torch, torch_forward
 from switchall.kernels.selection import CVMMSelection, cvmm_prepare, row_layout
 
 __all__ = ["CVMMConfig", "CVMMSelection", "cvmm", "cvmm_prepare", "cvmm_reference", "cvmm_torch"]
@@ -46,6 +48,13 @@ class CVMMConfig:
 
     def kwargs(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _eager_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether this call records an autograd graph outside torch.compile's tracing."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def cvmm(
@@ -112,18 +121,21 @@ def cvmm(
             f"x and weight must share a dtype among {[str(d) for d in allowed]} for the "
             f"{resolved_backend} backend; got {x.dtype}, {weight.dtype}"
         )
-    out = cvmm_fwd(
-        x.reshape(-1, x.shape[-1]),
-        weight,
-        sel.sorted_expert_M,
-        sel.order_M,
-        sel.offsets_E1,
-        None if gates is None else gates.reshape(-1),
-        slots_per_x_row,
-        out_rows,
-        resolve_deterministic(deterministic),
-        allow_tf32,
-        resolved_backend,
-    )
+    x_rows, gates_M = x.reshape(-1, x.shape[-1]), None if gates is None else gates.reshape(-1)
+    deterministic = resolve_deterministic(deterministic)
+    # Eager training on the torch backend: autograd differentiates the recorded gather /
+    # matmul / weighted sum, keeping the gathered rows (or the all-experts product) that the
+    # op's hand-written backward recomputes to save memory; measured 15-45% faster per
+    # forward+backward at the demo and 47M shapes on CPU (BENCHMARKS.md, issue 12), no
+    # custom-op dispatch either. Not for one slot per input row (the σ-MoE W2 form): there
+    # it measured no faster and would keep [assignments, d_out] per-slot outputs. The op
+    # stays for torch.compile and for no-grad calls.
+    if resolved_backend == "torch" and slots_per_x_row > 1 and _eager_autograd(x, weight, gates):
+        out = torch_forward(x_rows, weight, sel.order_M, sel.offsets_E1, gates_M,
+                            slots_per_x_row, out_rows, "auto", sel.sorted_expert_M)  # fmt: skip
+    else:
+        out = cvmm_fwd(x_rows, weight, sel.sorted_expert_M, sel.order_M, sel.offsets_E1,
+                       gates_M, slots_per_x_row, out_rows, deterministic, allow_tf32,
+                       resolved_backend)  # fmt: skip
     shape = out_lead if gates is not None else sel.shape
     return out.view(*shape, weight.shape[-1])

@@ -95,6 +95,35 @@ def test_both_paths_match_reference_fp32(case, gated):
             assert_close_scaled(got, ref, TOLERANCE[torch.float32], f"{gemm} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("gated", [False, True], ids=["slots", "gated"])
+@pytest.mark.parametrize("case", ALL_CASES, ids=str)
+def test_eager_cvmm_differentiates_by_autograd_and_matches_reference(case, gated, dtype,
+                                                                     monkeypatch):  # fmt: skip
+    """Eager training calls skip the custom op (autograd differentiates the backend's forward)
+    unless each input row has one slot (σ-MoE W2's form); no-grad calls run it. Every
+    gradient against the float64 oracle."""
+    import switchall.kernels as kernels
+
+    ops = []
+    real = kernels.cvmm_fwd
+    monkeypatch.setattr(kernels, "cvmm_fwd", lambda *a: ops.append(1) or real(*a))
+    x, idx, w, gates = make_inputs(case, dtype)
+    gates = gates if gated else None
+    results, cot = run_with_grads(lambda *a: cvmm(*a), x, idx, w, gates)
+    slots_per_x_row = row_layout(tuple(x.shape), tuple(idx.shape))[0]
+    assert ops == ([] if slots_per_x_row > 1 else [1])
+    ops.clear()
+    want = reference_with_grads(x, idx, w, gates, cot)
+    for name, got, ref in zip(NAMES, results, want, strict=False):
+        assert got.dtype == (gates.dtype if name == "grad_gates" else x.dtype), name
+        tol = TOLERANCE.get(got.dtype, 1e-12)  # grad_gates in the gates dtype (fp32)
+        assert_close_scaled(got, ref, tol, f"eager {name}")
+    with torch.no_grad():
+        assert torch.equal(cvmm(x, idx, w, gates), results[0])
+    assert ops == [1]
+
+
 def test_aligned_cases_cover_every_form_on_grouped_mm():
     """Plain, gated, heads-summed (R), grouped (G) and empty inputs all reach grouped_mm."""
     on_grouped = {c.name for c in ALL_CASES if "grouped_mm" in _gemms(c, torch.float32)}
@@ -143,8 +172,12 @@ def test_auto_takes_grouped_mm_where_it_can(monkeypatch):
     real = torch.nn.functional.grouped_mm
     monkeypatch.setattr(ct.F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x, idx, w, gates = make_inputs(CASE_BY_NAME["nonmultiple_k2"])
-    run_with_grads(lambda *a: cvmm(*a), x, idx, w, gates)
+    run_with_grads(_fn("auto"), x, idx, w, gates)  # the op's hand-written backward
     assert len(calls) == 3  # forward, grad input, grad weight
+    calls.clear()
+    # Eager `cvmm`: autograd differentiates the one forward call (its backward is aten's).
+    run_with_grads(lambda *a: cvmm(*a), x, idx, w, gates)
+    assert len(calls) == 1
     calls.clear()
     run_with_grads(lambda *a: cvmm(*a), x.double(), idx, w.double(), gates.double())
     odd = make_inputs(CASE_BY_NAME["R_heads_oproj"])

@@ -253,13 +253,13 @@ def test_deterministic_reaches_the_cvmm_calls(dataset, tmp_path, monkeypatch, de
     import switchall.kernels as kernels
     from switchall.kernels import cvmm_op
 
-    seen, real = [], kernels.cvmm_fwd
+    seen, real = [], kernels.resolve_deterministic
 
-    def spy(*args):
-        seen.append(args[8])  # cvmm_fwd(x, w, sorted, order, offsets, gates, k, rows, det, ...)
-        return real(*args)
+    def spy(requested):
+        seen.append(real(requested))  # what this cvmm call passes on as `deterministic`
+        return seen[-1]
 
-    monkeypatch.setattr(kernels, "cvmm_fwd", spy)
+    monkeypatch.setattr(kernels, "resolve_deterministic", spy)
     monkeypatch.delenv(cvmm_op.DETERMINISTIC_ENV, raising=False)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored after the test
     args = ["configs/demo_switchall.yaml", *TINY, f"data.path={dataset}", "train.steps=2"]
