@@ -167,6 +167,7 @@ CPU_CANDIDATES = {
     "loop_gather": backend_path("loop"),
     "sorted_grouped_mm": backend_path("grouped_mm"),
     "dense_all_experts": backend_path("dense"),
+    "hand_written_auto": backend_path("auto"),  # the op's own backward, without its dispatch
     "bmm_padded": bmm_padded,
     "autograd_auto": autograd_auto,
 }

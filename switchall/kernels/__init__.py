@@ -125,7 +125,7 @@ def cvmm(
     deterministic = resolve_deterministic(deterministic)
     # Eager training on the torch backend: autograd differentiates the recorded gather /
     # matmul / weighted sum, keeping the gathered rows (or the all-experts product) that the
-    # op's hand-written backward recomputes to save memory; measured 15-45% faster per
+    # op's hand-written backward recomputes to save memory; measured 14-43% faster per
     # forward+backward at the demo and 47M shapes on CPU (BENCHMARKS.md, issue 12), no
     # custom-op dispatch either. Not for one slot per input row (the σ-MoE W2 form): there
     # it measured no faster and would keep [assignments, d_out] per-slot outputs. The op
