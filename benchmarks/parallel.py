@@ -44,6 +44,7 @@ DEMO = [
     "train.eval_batches=1",
     "logging.wandb=disabled",
 ]
+BARE = "bare gloo all-reduce"
 CPU_CASES = [  # (name, processes, layout overrides)
     ("DP=1 (one process, no DeepSpeed)", 0, []),
     # Control: two unrelated one-process runs side by side, no communication at all. What the
@@ -100,10 +101,30 @@ def _param_counts(model) -> dict[str, int]:
     return {"dense": sum(p.numel() for p in model.parameters()) - expert, "expert": expert}
 
 
+def time_bare_allreduce(case: dict) -> dict:
+    """One gloo all-reduce of `numel` fp32 values, nothing else running: what the gradient
+    reduction costs this machine by itself (median seconds, wall and this rank's CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    grads = torch.ones(case["allreduce_numel"])
+    times, cpu_times = [], []
+    for i in range(case["warmup"] + case["steps"]):
+        dist.barrier()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        dist.all_reduce(grads)
+        if i >= case["warmup"]:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    return {"step_time": statistics.median(times), "cpu_time": statistics.median(cpu_times)}
+
+
 def run_worker_case(case: dict) -> dict:
     import torch
     import torch.distributed as dist
 
+    if "allreduce_numel" in case:
+        return time_bare_allreduce(case)
     from switchall.config import load_run_config
     from switchall.pretrain.runtime import LocalRuntime
     from switchall.pretrain.trainer import Trainer
@@ -260,6 +281,9 @@ def cpu(args) -> None:
                 "profile": args.profile,
             }
         )
+    # The dense demo SwitchAll's gradient (byte vocabulary: 924,160 fp32 values) reduced alone.
+    bare = {"name": BARE, "allreduce_numel": 924_160, "warmup": args.warmup, "steps": args.steps}
+    by_nproc[2].append(bare)
     results = {}
     for nproc, cases in by_nproc.items():
         results.update(_launch(nproc, cases, work))
@@ -301,6 +325,13 @@ def cpu(args) -> None:
                 calls = sum(v for k, v in c.items() if k.endswith("calls"))
                 ms = sum(v for k, v in c.items() if k.endswith(" ms"))
                 print(f"| {name} | {calls:.0f} | {ms:.1f} |")
+    b = results[BARE]
+    print(
+        f"\ngloo all-reduce of the 924,160-value gradient alone, 2 processes: "
+        f"{b['step_time'] * 1e3:.1f} ms wall, {b['cpu_time'] * 1e3:.1f} ms CPU (rank 0); "
+        f"DP=1 step + that = {t1 + b['step_time']:.3f} s, "
+        f"efficiency without overlap at most {t1 / (t1 + b['step_time']):.0%}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
