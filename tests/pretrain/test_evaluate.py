@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from switchall.data_pipeline import TokenLoader, read_manifest
 from switchall.pretrain.metrics import read_metrics
 from switchall.pretrain.runtime import LocalRuntime
 from switchall.pretrain.trainer import Trainer
+from tests.stdlib_data import prepare_stdlib
 from tests.tiny import TINY_MODEL
 
 TINY = [
@@ -44,15 +44,8 @@ def byte_ds(tmp_path_factory) -> Path:
     """Byte tokens of a few standard-library modules; antigravity.py (500 bytes, 7 validation
     batches of 4 x 16 tokens) is validation."""
     root = tmp_path_factory.mktemp("eval_data")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    (root / "train").mkdir()
-    for name in ["textwrap.py", "heapq.py", "shlex.py"]:
-        shutil.copy(stdlib / name, root / "train" / name)
-    shutil.copy(stdlib / "antigravity.py", root / "val.py")
-    out = root / "prepared"
-    argv = ["prepare", str(root / "train"), "--val", str(root / "val.py"), "--out", str(out)]
-    assert cli_main([*argv, "--tokenizer", "byte", "--no-progress", "--workers", "1"]) == 0
-    return out
+    train = ["textwrap.py", "heapq.py", "shlex.py"]
+    return prepare_stdlib(root, train, "antigravity.py", "--tokenizer", "byte", "--workers", "1")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from switchall.pretrain.checkpoint import CheckpointManager
 from switchall.pretrain.metrics import latest_per_step, read_metrics
 from switchall.pretrain.runtime import LocalRuntime
 from switchall.pretrain.trainer import Trainer
+from tests.stdlib_data import prepare_stdlib
 from tests.subproc import REPO, subprocess_env
 from tests.tiny import TINY_MODEL
 
@@ -43,17 +43,8 @@ TINY = [
 def dataset(tmp_path_factory) -> Path:
     """A small real-text dataset: a slice of the standard library's sources, BPE vocab 400."""
     root = tmp_path_factory.mktemp("data")
-    src = root / "text"
-    src.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["argparse.py", "json/decoder.py", "textwrap.py", "heapq.py", "shlex.py"]:
-        shutil.copy(stdlib / name, src / name.replace("/", "_"))
-    val = root / "val.py"
-    shutil.copy(stdlib / "bisect.py", val)
-    out = root / "prepared"
-    argv = ["prepare", str(src), "--val", str(val), "--out", str(out), "--vocab-size", "400"]
-    assert cli_main([*argv, "--no-progress"]) == 0
-    return out
+    train = ["argparse.py", "json/decoder.py", "textwrap.py", "heapq.py", "shlex.py"]
+    return prepare_stdlib(root, train, "bisect.py", "--vocab-size", "400")
 
 
 def config(dataset: Path, name: str = "configs/demo_switchall.yaml", *extra: str):
@@ -223,25 +214,19 @@ def test_bad_inputs_name_the_culprit(dataset, tmp_path):
 def test_checkpoint_refuses_a_dataset_of_another_tokenizer(dataset, tmp_path, capsys):
     """The tokenizer hash a checkpoint records is compared with the dataset's: resuming or
     evaluating on data prepared with another tokenizer (same vocabulary size) is refused."""
-    root = tmp_path / "other"
-    (root / "text").mkdir(parents=True)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["calendar.py", "difflib.py"]:
-        shutil.copy(stdlib / name, root / "text" / name)
-    shutil.copy(stdlib / "glob.py", root / "val.py")
-    argv = ["prepare", str(root / "text"), "--val", str(root / "val.py"), "--out", str(root / "ds")]
-    assert cli_main([*argv, "--vocab-size", "400", "--no-progress"]) == 0
-    theirs, ours = (read_manifest(d).tokenizer["sha256"] for d in (root / "ds", dataset))
-    assert theirs != ours and read_manifest(root / "ds").vocab_size == 400
+    other = prepare_stdlib(tmp_path / "other", ["calendar.py", "difflib.py"], "glob.py",
+                           "--vocab-size", "400")  # fmt: skip
+    theirs, ours = (read_manifest(d).tokenizer["sha256"] for d in (other, dataset))
+    assert theirs != ours and read_manifest(other).vocab_size == 400
     cfg = config(dataset, "configs/demo_switchall.yaml", "train.steps=2")
     train(cfg, tmp_path / "run")
     meta = CheckpointManager.read_meta(tmp_path / "run" / "checkpoints" / "step_00000002")
     assert meta["tokenizer_sha256"] == ours
-    moved = config(root / "ds", "configs/demo_switchall.yaml", "train.steps=4")
+    moved = config(other, "configs/demo_switchall.yaml", "train.steps=4")
     with pytest.raises(ConfigError, match=r"data\.path.*tokenizer .* differs"):
         train(moved, tmp_path / "run", resume=True)
     capsys.readouterr()
-    assert cli_main(["evaluate", str(tmp_path / "run"), f"data.path={root / 'ds'}"]) == 2
+    assert cli_main(["evaluate", str(tmp_path / "run"), f"data.path={other}"]) == 2
     assert "tokenizer" in capsys.readouterr().err
 
 
